@@ -1,0 +1,57 @@
+# The front door of the workbook.  Every target sets up what it needs:
+# a local virtual environment in .venv (torch first, pinned to the build
+# this machine ships, then the project itself), reused by later calls.
+
+PYTHON ?= python3
+VENV ?= .venv
+# Installed before the project so that the project's torch range is already
+# satisfied; override with e.g. TORCH_SPEC="torch==2.13.0 --index-url ..." for a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PROFILE ?= quick
+
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ktlib-installed
+
+# numba (used by umap-learn) needs a writable cache; matplotlib likewise.
+export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
+export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help setup reproduce test lint lab clean distclean
+
+help:
+	@echo "make reproduce   run the workbook's main job on the built-in (simulated) data"
+	@echo "make test        run the test suite"
+	@echo "make lab         open JupyterLab with the project's kernel"
+	@echo "make lint        ruff on code and notebooks"
+	@echo "make clean       remove caches, runs and generated figures (keeps .venv and data)"
+	@echo "make distclean   also remove .venv and the simulator cache"
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name ktlib --display-name "Python (ktlib)" >/dev/null
+	@mkdir -p $(NUMBA_CACHE_DIR) $(MPLCONFIGDIR)
+	@touch $@
+
+reproduce: $(STAMP)
+	$(PY) -m ktlib reproduce --profile $(PROFILE)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check ktlib tests notebooks
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+clean:
+	rm -rf .cache .pytest_cache .ruff_cache runs figures/*.png figures/*.pdf
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) data/sim
