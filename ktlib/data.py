@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .simulate import VERSION as SIMULATOR_VERSION
 from .simulate import SimConfig, Simulation, simulate
 from .specs import FILE_KEYS, MODALITIES, MODALITY_NAMES, SPLITS, Layout, get_layout, layout_for_filename
 
@@ -386,7 +387,7 @@ def load_real(dataset: str, alignment: str = "aligned", data_dir: str | Path | N
 
 
 def _sim_key(config: SimConfig) -> str:
-    text = json.dumps(asdict(config), sort_keys=True)
+    text = json.dumps({"simulator": SIMULATOR_VERSION, **asdict(config)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

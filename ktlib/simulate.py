@@ -74,6 +74,7 @@ _TIMING = {  # median duration (s), log-normal sigma, words per second, audio Hz
     "mosei": (6.5, 0.50, 2.8, 30.0, 30.0),
     "iemocap": (3.8, 0.60, 2.6, 34.0, 43.0),
 }
+VERSION = 1  # bump when the generative story changes: it is part of the simulator cache key
 _N_COSINES = 4  # components of each smooth process
 _N_NUISANCE = 3  # dimensions of each modality's nuisance stream
 _CHUNK = 1024  # utterances generated at a time (bounds memory; part of the random-stream keys)
@@ -284,12 +285,16 @@ def _simulate_split(config: SimConfig, world: _World, split_id: int, split: str,
     audio_signal = np.zeros((n, seq["a"], 3), dtype=np.float32)
     audio_shared = np.zeros((n, seq["a"], 3), dtype=np.float32)
     rho = config.audio_predictability
+    # The smooth processes each modality needs (the cosines are most of the cost).
+    audio_needs = ([_P_S, _P_ALPHA, *range(2, 8)] if rho > 0 else []) + (list(range(8, 11)) if rho < 1 else [])
+    used = {"l": [_P_S, _P_ALPHA, *range(2, 5)], "v": [_P_S, _P_ALPHA, *range(5, 8)], "a": audio_needs}
     for m_id, m in enumerate(MODALITIES):
         times, valid, _ = frames[m]
         for c_id, lo in enumerate(range(0, n, _CHUNK)):
             hi = min(n, lo + _CHUNK)
             noise_rng = np.random.default_rng(np.random.SeedSequence([config.seed, split_id, 1, m_id, c_id]))
-            proc = _smooth(freq[lo:hi], phase[lo:hi], times[lo:hi])  # (n, T, P)
+            proc = np.zeros((hi - lo, times.shape[1], _N_PROCESSES), dtype=np.float32)  # (n, T, P)
+            proc[..., used[m]] = _smooth(freq[lo:hi, used[m]], phase[lo:hi, used[m]], times[lo:hi])
             z_s = s[lo:hi, None] + config.wiggle * proc[..., _P_S]  # (n, T)
             z_alpha = alpha[lo:hi, None] + config.wiggle * proc[..., _P_ALPHA]
             if m == "l":
@@ -308,8 +313,9 @@ def _simulate_split(config: SimConfig, world: _World, split_id: int, split: str,
                 audio_signal[lo:hi] = np.where(keep, u, 0)
                 audio_shared[lo:hi] = np.where(keep, h, 0)
                 x = config.informativeness_a * _project(u, world.w_a)
-            x += noise_rng.standard_normal(x.shape, dtype=np.float32)
-            x[~valid[lo:hi]] = 0  # front zero-padding
+            keep = valid[lo:hi]  # noise only on real frames; padding frames are exactly zero
+            x[keep] += noise_rng.standard_normal((int(keep.sum()), x.shape[-1]), dtype=np.float32)
+            x[~keep] = 0
             out[m][lo:hi] = x
 
     ids = np.array([f"sim-{config.dataset}-{split}-{i:05d}" for i in range(n)])

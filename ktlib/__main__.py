@@ -1,0 +1,147 @@
+"""Command line: ``python -m ktlib <command> --help``.
+
+Commands
+  data        load a dataset (real MulT file if present, else the simulator) and print what it holds
+  simulate    generate simulator presets into the cache and print how long each took
+  reproduce   the workbook's main job on the built-in data
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .specs import ALIGNMENTS, DATASETS
+
+
+def _add_sim_knobs(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("simulator knobs (used when the data is simulated)")
+    g.add_argument("--scale", type=float, default=1.0, help="fraction of the published split sizes (0, 1]")
+    g.add_argument("--seed", type=int, default=0, help="simulator seed: same seed, same bytes")
+    g.add_argument("--audio-predictability", type=float, default=None,
+                   help="share of audio's signal that is a function of vision and language, in [0, 1]")
+
+
+def _sim_knobs(args) -> dict:
+    knobs = {"scale": args.scale, "seed": args.seed}
+    if args.audio_predictability is not None:
+        knobs["audio_predictability"] = args.audio_predictability
+    return knobs
+
+
+def _print_data(data) -> None:
+    import pandas as pd
+
+    print(data.describe())
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 3):
+        print(data.summary().to_string(index=False))
+    print(label_summary(data))
+
+
+def label_summary(data) -> str:
+    """One line per split on the labels: distribution for regression, class shares for IEMOCAP."""
+    import numpy as np
+
+    from .specs import EMOTIONS
+
+    lines = []
+    for split, d in data.splits.items():
+        if data.task == "classification":
+            shares = d.labels[:, :, 1].mean(0)
+            text = ", ".join(f"{e} {s:.1%}" for e, s in zip(EMOTIONS, shares, strict=True))
+        else:
+            y = d.labels.reshape(-1)
+            hist = np.bincount((np.round(np.clip(y, -3, 3)) + 3).astype(int), minlength=7) / len(y)
+            text = (f"mean {y.mean():+.2f}, std {y.std():.2f}, positive {np.mean(y > 0):.1%}, zero "
+                    f"{np.mean(y == 0):.1%}; 7-class shares (-3..3) " + " ".join(f"{h:.2f}" for h in hist))
+        lines.append(f"labels {split:5s} [{data.kind}]: {text}")
+    return "\n".join(lines)
+
+
+def cmd_data(args) -> int:
+    from .data import get_data, load_mult_file
+
+    if args.file:
+        data = load_mult_file(args.file)
+    else:
+        data = get_data(args.dataset, args.alignment, source=args.source, data_dir=args.data_dir, **_sim_knobs(args))
+    _print_data(data)
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from .data import save_simulation
+    from .simulate import SimConfig, simulate
+
+    datasets = DATASETS if args.dataset == "all" else (args.dataset,)
+    alignments = ALIGNMENTS if args.alignment == "all" else (args.alignment,)
+    print(f"{'preset':20s} {'scale':>6s} {'utterances':>10s} {'MB':>8s} {'generate s':>10s} {'write s':>8s}")
+    for dataset in datasets:
+        for alignment in alignments:
+            config = SimConfig(dataset=dataset, alignment=alignment, **_sim_knobs(args))
+            sim = simulate(config)
+            start = time.perf_counter()
+            if args.write:
+                save_simulation(sim)
+            written = time.perf_counter() - start
+            n = sum(len(s["labels"]) for s in sim.raw.values())
+            mb = sum(a.nbytes for s in sim.raw.values() for a in s.values()) / 1e6
+            print(f"{dataset + '_' + alignment:20s} {config.scale:6.3g} {n:10d} {mb:8.0f} {sim.seconds:10.2f} "
+                  f"{written:8.2f}", flush=True)
+            del sim
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .data import get_data
+
+    start = time.perf_counter()
+    print("ktlib reproduce: the built-in data (simulated MulT-layout MOSI; synthetic, not the real corpus)\n")
+    for alignment in ALIGNMENTS:
+        data = get_data("mosi", alignment, source="simulated", seed=args.seed)
+        _print_data(data)
+        print()
+    print(f"done in {time.perf_counter() - start:.1f} s; cached datasets are in data/sim/")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ktlib", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="load a dataset and print its shapes, statistics and labels")
+    p.add_argument("--dataset", choices=DATASETS, default="mosi", help="which corpus (default mosi)")
+    p.add_argument("--alignment", choices=ALIGNMENTS, default="aligned", help="word-aligned or unaligned files")
+    p.add_argument("--source", choices=("auto", "real", "simulated"), default="auto",
+                   help="auto: the real file if present, else the simulator")
+    p.add_argument("--data-dir", default=None, help="folder holding the real MulT files (default data/)")
+    p.add_argument("--file", default=None, help="read this MulT-layout pickle instead (any name)")
+    _add_sim_knobs(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("simulate", help="generate simulator presets and print generation times")
+    p.add_argument("--dataset", choices=(*DATASETS, "all"), default="all", help="preset dataset (default all)")
+    p.add_argument("--alignment", choices=(*ALIGNMENTS, "all"), default="all", help="alignment (default all)")
+    p.add_argument("--write", action="store_true", help="also write each preset to the cache in data/sim/")
+    _add_sim_knobs(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("reproduce", help="the workbook's main job on the built-in data")
+    p.add_argument("--seed", type=int, default=0, help="simulator seed")
+    p.set_defaults(func=cmd_reproduce)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:  # our errors say what is wrong and what to do
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

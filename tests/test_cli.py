@@ -1,0 +1,45 @@
+"""The command line: what it prints and how it fails."""
+
+import subprocess
+import sys
+
+from ktlib.__main__ import main
+
+
+def test_data_command_prints_real_file_summary(mosi_fixture_path, capsys):
+    assert main(["data", "--file", str(mosi_fixture_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mosi_utterance [real]: train 1284 / valid 229 / test 686" in out
+    assert "l 1x100, a 1x73, v 1x100" in out
+    assert "labels test  [real]" in out
+
+
+def test_data_command_on_simulator_says_synthetic(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KTLIB_DATA_DIR", str(tmp_path))
+    assert main(["data", "--dataset", "iemocap", "--source", "simulated", "--scale", "0.02"]) == 0
+    out = capsys.readouterr().out
+    assert "iemocap_aligned [synthetic (simulator)]" in out
+    assert "noise ceiling on test" in out
+    assert "happy" in out  # class shares per emotion
+    assert list((tmp_path / "sim").glob("iemocap_aligned_*.pkl")), "the simulation is cached under $KTLIB_DATA_DIR/sim"
+
+
+def test_missing_real_file_exits_2_with_guidance(tmp_path, capsys):
+    code = main(["data", "--dataset", "mosei", "--alignment", "unaligned", "--source", "real",
+                 "--data-dir", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "mosei_senti_data_noalign.pkl" in err and str(tmp_path) in err
+    assert "data/README.md" in err and "12000 MB" in err
+
+
+def test_bad_knob_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KTLIB_DATA_DIR", str(tmp_path))
+    assert main(["data", "--source", "simulated", "--audio-predictability", "1.5"]) == 2
+    assert "audio_predictability must lie in [0, 1]" in capsys.readouterr().err
+
+
+def test_module_entry_point_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "ktlib", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("data", "simulate", "reproduce"):
+        assert command in out
