@@ -32,8 +32,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-#: IEMOCAP emotions in the order of the MulT label layout: labels (N, 4, 2) one-hot over emotion x (no, yes).
-EMOTIONS: tuple[str, ...] = ("neutral", "happy", "sad", "angry")
+from .specs import EMOTIONS  # IEMOCAP label rows: labels (N, 4, 2) one-hot over emotion x (no, yes)
 
 _MAX_POSITIONS_SHOWN = 5  # how many offending positions an error message lists
 
