@@ -255,7 +255,11 @@ class MultimodalData:
 
 
 def _fail(source: str, where: str, problem: str) -> DataFileError:
-    return DataFileError(f"{source}: {where}: {problem}")
+    return DataFileError(
+        f"{source}: {where}: {problem}. This is not a complete MulT-layout file for the expected dataset: if it is "
+        f"a renamed published file, pass layout= (e.g. 'mosi_unaligned'); otherwise download it again "
+        f"(data/README.md lists each file's layout)."
+    )
 
 
 def validate_raw(raw: object, layout: Layout | None, source: str) -> tuple[dict[str, SplitData], dict[str, int]]:
@@ -444,6 +448,7 @@ def get_data(dataset: str = "mosi", alignment: str = "aligned", source: str = "a
              data_dir: str | Path | None = None, **sim_knobs) -> MultimodalData:
     """Real MulT file if available (``source="auto"`` or ``"real"``), else the simulator (``"simulated"``).
 
+    ``data_dir`` is where real files are looked for; a simulation falling back from it is cached in its ``sim/``.
     ``sim_knobs`` are :class:`~ktlib.simulate.SimConfig` fields (``scale``, ``seed``, ``audio_predictability``, ...).
     """
     if source not in ("auto", "real", "simulated"):
@@ -454,7 +459,8 @@ def get_data(dataset: str = "mosi", alignment: str = "aligned", source: str = "a
         except DataFileNotFound:
             if source == "real":
                 raise
-    return load_simulated(SimConfig(dataset=dataset, alignment=alignment, **sim_knobs))
+    cache_dir = Path(data_dir) / "sim" if data_dir is not None else None
+    return load_simulated(SimConfig(dataset=dataset, alignment=alignment, **sim_knobs), cache_dir=cache_dir)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -487,12 +493,8 @@ class MultimodalDataset(Dataset):
         self.present = torch.from_numpy(presence_matrix(self.n, missing).copy())  # (N, 3)
         self.task = task or ("classification" if split.labels.shape[1:] == (4, 2) else "regression")
         self.shapes = {m: split.features(m).shape[1:] for m in MODALITIES}
-        self.x, self.pad = {}, {}
-        for j, m in enumerate(MODALITIES):
-            if self.present[:, j].any():  # a modality absent everywhere is never touched
-                x = torch.from_numpy(split.features(m))
-                self.x[m] = x  # (N, T, D)
-                self.pad[m] = ~(x != 0).any(-1)  # (N, T) True on padding frames
+        # Only rows of present modalities are ever read, batch by batch (padding masks included).
+        self.x = {m: split.features(m) for j, m in enumerate(MODALITIES) if self.present[:, j].any()}
         labels = torch.from_numpy(split.labels)
         self.y = labels.argmax(-1) if self.task == "classification" else labels.reshape(self.n, 1)
 
@@ -513,9 +515,9 @@ class MultimodalDataset(Dataset):
             x = torch.zeros(len(idx), t, d)
             pad = torch.ones(len(idx), t, dtype=torch.bool)
             if keep.any():
-                rows = idx[keep]
-                x[keep] = self.x[m][rows]
-                pad[keep] = self.pad[m][rows]
+                rows = torch.from_numpy(np.asarray(self.x[m][idx[keep].numpy()]))  # (b, T, D)
+                x[keep] = rows
+                pad[keep] = ~(rows != 0).any(-1)  # True on padding frames (all-zero)
             batch[m], batch[f"mask_{m}"] = x, pad
         return batch
 

@@ -19,25 +19,28 @@ The generative story, for one utterance
    own sampling rates (unaligned) or on the word slots (aligned).  Sequences are zero-padded at the front and
    truncated at the file's sequence length, as in the MulT files.
 4. Latent streams in continuous time.  Sentiment ``z_s(t) = s + wiggle * w_s(t)`` and arousal
-   ``z_alpha(t) = alpha + wiggle * w_alpha(t)``, plus three-dimensional nuisance streams of each modality:
-   ``n_l(t)`` (topic, wording), ``n_v(t)`` (pose, lighting) and ``p_a(t)`` (pitch range, channel).  Every
-   ``w`` is a smooth zero-mean unit-variance process (a sum of random slow cosines).
-5. What each modality sees (per frame, feature = loadings x latents + unit Gaussian noise):
-   - language: ``(z_s, 0.3 z_alpha)`` scaled by ``informativeness_l``, plus ``n_l``;
-   - vision:   ``(z_s, z_alpha)`` scaled by ``informativeness_v``, plus ``n_v``;
-   - audio:    a three-dimensional signal ``u(t)`` scaled by ``informativeness_a``, where
-     ``u = sqrt(rho) * h + sqrt(1 - rho) * g`` with ``rho = audio_predictability``:
-       ``h(t) = tanh(B_h [z_s, z_alpha, n_l, n_v](t))`` is a function of the streams vision and language see;
-       ``g(t) = B_g [s, alpha] + p_a(t)`` depends on vision and language only through the utterance's affect.
-     At ``rho = 0`` audio is independent of vision and language given the latent affect ``(s, alpha)`` (of which
-     the label is a noisy reading): reconstructing audio from them can recover nothing they do not already
-     carry.  At ``rho = 1`` audio's signal is fully determined by what vision and language see.  Both ``h``
-     and ``g`` are standardised, so ``rho`` is the share of the audio signal's variance that is predictable.
+   ``z_alpha(t) = alpha + wiggle * w_alpha(t)``; three-dimensional structure streams ``n_l(t)`` (topic,
+   wording), ``n_v(t)`` (pose, lighting) and ``p_a(t)`` (pitch range, voice quality).  Every ``w``, ``n`` and
+   ``p`` is a smooth zero-mean unit-variance process (a sum of random slow cosines).
+5. What each modality sees.  Per frame, feature = affect part + structure part + unit Gaussian noise per
+   dimension, each part mapped to the feature width by fixed random directions of unit norm, so a knob's effect
+   does not depend on the width:
+   - language: affect ``informativeness_l * (z_s(t), 0.3 z_alpha(t))``, structure ``structure * n_l(t)``;
+   - vision:   affect ``informativeness_v * (z_s(t), z_alpha(t))``,     structure ``structure * n_v(t)``;
+   - audio:    affect ``informativeness_a * (s, alpha)`` (prosody reflects the utterance's overall affect),
+     structure ``structure * u(t)`` with ``u = sqrt(rho) * h + sqrt(1 - rho) * p_a`` and
+     ``rho = audio_predictability``, where ``h(t) = tanh(B_h [n_l(t), n_v(t)])`` (standardised) is a function
+     of the streams language and vision see.
+   So audio's signal is its affect part plus its structure; ``rho`` is the share of the structure's variance
+   that is a function of what vision and language see.  At ``rho = 0`` audio is independent of vision and
+   language given the latent affect ``(s, alpha)`` (of which the label is a noisy reading): reconstructing audio
+   from them can recover nothing they do not already carry.  At ``rho = 1`` audio's whole signal is a function
+   of latents that vision and language see; only its measurement noise is its own.
 
 Ground truth and noise ceiling
 ------------------------------
 ``Simulation.truth`` holds, per split, the latent affect, the emotion, durations and lengths, the noise-free
-audio signal ``u`` and its predictable part ``h`` at the audio frames, and an *oracle* prediction: what a
+audio structure ``u`` and its predictable part ``h`` at the audio frames, and an *oracle* prediction: what a
 predictor that knows the latent affect exactly would output (``E[label | s]`` for regression, the Bayes
 posterior of the emotion given ``(s, alpha)`` for IEMOCAP).  Models only see noisy features, so no model can
 beat the oracle in expectation (exactly so for squared error, approximately for the other metrics):
@@ -74,9 +77,9 @@ _TIMING = {  # median duration (s), log-normal sigma, words per second, audio Hz
     "mosei": (6.5, 0.50, 2.8, 30.0, 30.0),
     "iemocap": (3.8, 0.60, 2.6, 34.0, 43.0),
 }
-VERSION = 1  # bump when the generative story changes: it is part of the simulator cache key
+VERSION = 3  # bump when the generative story changes: it is part of the simulator cache key
 _N_COSINES = 4  # components of each smooth process
-_N_NUISANCE = 3  # dimensions of each modality's nuisance stream
+_N_STRUCTURE = 3  # dimensions of each modality's structure stream
 _CHUNK = 1024  # utterances generated at a time (bounds memory; part of the random-stream keys)
 # Indices of the smooth processes: sentiment wiggle, arousal wiggle, n_l (3), n_v (3), p_a (3).
 _P_S, _P_ALPHA, _P_L, _P_V, _P_A = 0, 1, slice(2, 5), slice(5, 8), slice(8, 11)
@@ -91,11 +94,11 @@ class SimConfig:
     alignment: str = "aligned"  # aligned (all modalities on word slots) | unaligned (own sampling rates)
     scale: float = 1.0  # fraction of the published split sizes (at least 8 utterances per split)
     seed: int = 0  # same seed, same bytes
-    informativeness_l: float = 0.25  # per-dimension signal amplitude of language (noise has std 1)
-    informativeness_v: float = 0.45  # per-dimension signal amplitude of vision
-    informativeness_a: float = 0.9  # per-dimension signal amplitude of audio
-    audio_predictability: float = 0.7  # rho in [0, 1]: share of audio's signal that is a function of V and L
-    nuisance: float = 0.5  # amplitude of each modality's nuisance stream
+    informativeness_l: float = 0.22  # per-frame affect signal-to-noise amplitude of language
+    informativeness_v: float = 0.12  # ... of vision
+    informativeness_a: float = 0.10  # ... of audio (its reading of the utterance's overall affect)
+    audio_predictability: float = 0.7  # rho in [0, 1]: share of audio's structure that is a function of V and L
+    structure: float = 1.5  # amplitude of each modality's non-affect structure (topic, pose, voice)
     wiggle: float = 0.5  # within-utterance variation of sentiment and arousal (std)
     annotator_noise: float = 0.8  # std of one annotator's rating error (MOSI / MOSEI)
 
@@ -110,7 +113,7 @@ class SimConfig:
             )
         if not 0.0 < self.scale <= 1.0:
             raise ValueError(f"scale must lie in (0, 1] (fraction of the published split sizes), got {self.scale}")
-        for name in ("informativeness_l", "informativeness_v", "informativeness_a", "nuisance", "wiggle",
+        for name in ("informativeness_l", "informativeness_v", "informativeness_a", "structure", "wiggle",
                      "annotator_noise"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -165,23 +168,20 @@ class _World:
     def __init__(self, config: SimConfig):
         rng = np.random.default_rng(np.random.SeedSequence([config.seed, 1000]))
         dims = config.layout.feature_dims
-        self.w_l = rng.standard_normal((2, dims["l"]))  # (z_s, 0.3 z_alpha) -> language
-        self.u_l = rng.standard_normal((_N_NUISANCE, dims["l"]))
-        self.w_v = rng.standard_normal((2, dims["v"]))  # (z_s, z_alpha) -> vision
-        self.u_v = rng.standard_normal((_N_NUISANCE, dims["v"]))
-        self.w_a = rng.standard_normal((3, dims["a"]))  # u -> audio
-        # h = tanh(B_h [z_s, z_alpha, n_l, n_v]): affect weighs more than nuisance.
-        self.b_h = rng.standard_normal((2 + 2 * _N_NUISANCE, 3)) * np.r_[[0.7, 0.7], [0.25] * 6][:, None]
-        self.b_g = rng.standard_normal((2, 3)) * 0.7  # g = B_g [s, alpha] + p_a
-        # Standardise h and g with constants from a Monte Carlo of the latent distribution (fixed per world).
-        s, alpha = _affect(config.dataset, rng, 20000)[:2]
-        streams = rng.standard_normal((20000, 2 + 2 * _N_NUISANCE))
-        streams[:, 0] = s + config.wiggle * streams[:, 0]
-        streams[:, 1] = alpha + config.wiggle * streams[:, 1]
-        h = np.tanh(streams @ self.b_h)
-        g = np.c_[s, alpha] @ self.b_g + rng.standard_normal((20000, 3))
+
+        def directions(k: int, d: int) -> np.ndarray:  # k random unit-norm directions in R^d
+            w = rng.standard_normal((k, d))
+            return (w / np.linalg.norm(w, axis=1, keepdims=True)).astype(np.float32)
+
+        self.w_l, self.u_l = directions(2, dims["l"]), directions(_N_STRUCTURE, dims["l"])  # affect, structure
+        self.w_v, self.u_v = directions(2, dims["v"]), directions(_N_STRUCTURE, dims["v"])
+        self.w_a, self.u_a = directions(2, dims["a"]), directions(3, dims["a"])
+        # h = tanh(B_h [n_l, n_v]): B_h's columns scaled so each pre-activation has unit variance (tanh mildly
+        # non-linear); h is then standardised with constants from a Monte Carlo (fixed per world).
+        self.b_h = rng.standard_normal((2 * _N_STRUCTURE, 3))
+        self.b_h /= np.linalg.norm(self.b_h, axis=0, keepdims=True)
+        h = np.tanh(rng.standard_normal((20000, 2 * _N_STRUCTURE)) @ self.b_h)
         self.h_mean, self.h_std = h.mean(0), h.std(0)
-        self.g_mean, self.g_std = g.mean(0), g.std(0)
 
 
 def _affect(dataset: str, rng: np.random.Generator, n: int):
@@ -282,11 +282,11 @@ def _simulate_split(config: SimConfig, world: _World, split_id: int, split: str,
             frames[m] = (*_frame_times(count, seq[m], np.full(n, 1.0 / hz), centred=False), count)
 
     out = {m: np.zeros((n, seq[m], layout.feature_dims[m]), dtype=np.float32) for m in MODALITIES}
-    audio_signal = np.zeros((n, seq["a"], 3), dtype=np.float32)
+    audio_structure = np.zeros((n, seq["a"], 3), dtype=np.float32)
     audio_shared = np.zeros((n, seq["a"], 3), dtype=np.float32)
     rho = config.audio_predictability
     # The smooth processes each modality needs (the cosines are most of the cost).
-    audio_needs = ([_P_S, _P_ALPHA, *range(2, 8)] if rho > 0 else []) + (list(range(8, 11)) if rho < 1 else [])
+    audio_needs = (list(range(2, 8)) if rho > 0 else []) + (list(range(8, 11)) if rho < 1 else [])
     used = {"l": [_P_S, _P_ALPHA, *range(2, 5)], "v": [_P_S, _P_ALPHA, *range(5, 8)], "a": audio_needs}
     for m_id, m in enumerate(MODALITIES):
         times, valid, _ = frames[m]
@@ -298,21 +298,20 @@ def _simulate_split(config: SimConfig, world: _World, split_id: int, split: str,
             z_s = s[lo:hi, None] + config.wiggle * proc[..., _P_S]  # (n, T)
             z_alpha = alpha[lo:hi, None] + config.wiggle * proc[..., _P_ALPHA]
             if m == "l":
-                x = config.informativeness_l * (_project(np.stack([z_s, 0.3 * z_alpha], -1), world.w_l))
-                x += config.nuisance * _project(proc[..., _P_L], world.u_l)
+                x = config.informativeness_l * _project(np.stack([z_s, 0.3 * z_alpha], -1), world.w_l)
+                x += config.structure * _project(proc[..., _P_L], world.u_l)
             elif m == "v":
-                x = config.informativeness_v * (_project(np.stack([z_s, z_alpha], -1), world.w_v))
-                x += config.nuisance * _project(proc[..., _P_V], world.u_v)
+                x = config.informativeness_v * _project(np.stack([z_s, z_alpha], -1), world.w_v)
+                x += config.structure * _project(proc[..., _P_V], world.u_v)
             else:
-                seen = np.concatenate([z_s[..., None], z_alpha[..., None], proc[..., _P_L], proc[..., _P_V]], -1)
+                affect = np.c_[s[lo:hi], alpha[lo:hi]] @ world.w_a  # (n, D_a): constant over the utterance
+                seen = np.concatenate([proc[..., _P_L], proc[..., _P_V]], -1)  # (n, T, 6) streams V and L see
                 h = (np.tanh(_project(seen, world.b_h)) - world.h_mean) / world.h_std  # (n, T, 3)
-                g = np.c_[s[lo:hi], alpha[lo:hi]][:, None, :] @ world.b_g + proc[..., _P_A]
-                g = (g - world.g_mean) / world.g_std
-                u = math.sqrt(rho) * h + math.sqrt(1 - rho) * g  # (n, T, 3)
+                u = math.sqrt(rho) * h + math.sqrt(1 - rho) * proc[..., _P_A]  # (n, T, 3)
                 keep = valid[lo:hi, :, None]
-                audio_signal[lo:hi] = np.where(keep, u, 0)
+                audio_structure[lo:hi] = np.where(keep, u, 0)
                 audio_shared[lo:hi] = np.where(keep, h, 0)
-                x = config.informativeness_a * _project(u, world.w_a)
+                x = config.structure * _project(u, world.u_a) + config.informativeness_a * affect[:, None, :]
             keep = valid[lo:hi]  # noise only on real frames; padding frames are exactly zero
             x[keep] += noise_rng.standard_normal((int(keep.sum()), x.shape[-1]), dtype=np.float32)
             x[~keep] = 0
@@ -329,7 +328,7 @@ def _simulate_split(config: SimConfig, world: _World, split_id: int, split: str,
         "len_l": frames["l"][2],
         "len_a": frames["a"][2],
         "len_v": frames["v"][2],
-        "audio_signal": audio_signal,  # u(t): noise-free audio signal at the audio frames (N, T_a, 3)
+        "audio_structure": audio_structure,  # u(t): audio's noise-free structure at its frames (N, T_a, 3)
         "audio_shared": audio_shared,  # h(t): its part that is a function of what V and L see (N, T_a, 3)
         "oracle": oracle,
     }
