@@ -7,7 +7,6 @@ VENV ?= .venv
 # Installed before the project so that the project's torch range is already
 # satisfied; override with e.g. TORCH_SPEC="torch==2.13.0 --index-url ..." for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-PROFILE ?= quick
 
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ktlib-installed
@@ -31,14 +30,15 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	@echo "setting up $(VENV): $(TORCH_SPEC), then ktlib and its dependencies (a minute or two, once)"
+	$(PY) -m pip install -qq $(TORCH_SPEC)
+	$(PY) -m pip install -qq -e ".[dev]"
 	$(PY) -m ipykernel install --sys-prefix --name ktlib --display-name "Python (ktlib)" >/dev/null
 	@mkdir -p $(NUMBA_CACHE_DIR) $(MPLCONFIGDIR)
 	@touch $@
 
 reproduce: $(STAMP)
-	$(PY) -m ktlib reproduce --profile $(PROFILE)
+	$(PY) -m ktlib reproduce
 
 test: $(STAMP)
 	$(PY) -m pytest

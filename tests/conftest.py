@@ -18,8 +18,9 @@ def _fixture_candidates():
     env = os.environ.get("KTLIB_MOSI_FIXTURE")
     if env:
         yield Path(env)
-    yield ROOT.parent / "shared" / "data" / "mosi_utterance" / FIXTURE_NAME
     yield ROOT / "data" / FIXTURE_NAME
+    for folder in ROOT.parents:  # a checkout that sits beside a shared/ data folder
+        yield folder / "shared" / "data" / "mosi_utterance" / FIXTURE_NAME
 
 
 @pytest.fixture(scope="session")
