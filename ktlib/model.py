@@ -1,0 +1,573 @@
+"""The model: a MulT backbone with a knowledge-transfer network that reconstructs the missing audio.
+
+One ``nn.Module`` per concept of the paper (Liu, Zhan, Chen, arXiv 2401.10747), each naming what it implements:
+
+- :class:`ModalityProjection`   temporal Conv1d from a modality's features to the model width d (MulT).
+- :class:`SinusoidalPositions`  fixed sinusoidal position codes added to every sequence (MulT).
+- :class:`CrossModalAttention`  eq. 3: target m' queries, source m keys and values, multi-head scaled dot product.
+- :class:`TransformerLayer`     eq. 4: pre-LayerNorm block, ``m' = m' + Z`` then a position-wise feed-forward.
+- :class:`TransformerEncoder`   a stack of layers; self-attention when the source is the target itself,
+                                 a cross-modal transformer ``target <- source`` otherwise.
+- :class:`KnowledgeTransfer`    eq. 1-2: encoders give f_L, f_V, f_A; theta: V -> A and phi: L -> A reconstruct the
+                                 audio representation, delta fuses ``[theta(f_V) || phi(f_L)]`` into f'_A; the
+                                 consistency losses ``l_c(theta(f_V), f_A)`` and ``l_c(phi(f_L), f_A)`` (eq. 1, 6).
+- :class:`MulTBackbone`         all directed cross-modal transformers among the inputs, a self-attention memory per
+                                 target, last-step pooling, residual MLP head (MulT).
+- :class:`KTModel`              the five settings of the paper's tables behind one switch.
+
+Vocabulary: ``l`` / ``a`` / ``v`` for language, audio, vision; ``trans_l_with_a`` is the cross-modal transformer
+whose target (queries) is l and source (keys, values) is a, written ``(A) -> L``.
+
+Settings (``ModelConfig.setting``)
+  full             l, a, v as given (real audio at train and test)
+  vision_only      v alone;  language_only: l alone  (a self-attention encoder, no cross-modal pairs)
+  language_vision  l and v, no audio branch
+  kt               l, v and the reconstructed audio f'_A in the audio slot, at train and test.  The real audio is
+                   read only in training, and only to compute the consistency target f_A.
+
+Time axis of the reconstruction (``kt_time_axis``)
+  ``source``  theta / phi are self-attention stacks over f_V / f_L, so f'_A lives on the source's time steps;
+              possible when the sources and the audio share one length (word-aligned data).
+  ``queries`` theta / phi are cross-modal stacks whose queries are the audio's T_a positions (position codes
+              only) attending to f_V / f_L: f'_A has the audio's own length, as needed for unaligned data.
+  ``auto``    (default) ``source`` when l, v and a have the same sequence length, else ``queries``.
+The consistency losses compare frames where the real audio is not padding; f'_A carries the source's padding mask
+(``source``) or none (``queries``: the length of the missing audio is unknown at test time).
+
+The consistency target f_A (``kt_target``)
+  ``frozen``  (default) f_A comes from the audio encoder with its gradient stopped: the reconstruction chases a
+              fixed representation of the audio (random at initialisation, or loaded from a trained ``full``
+              model with :meth:`KTModel.load_audio_encoder`).  Without the stop, nothing but the consistency loss
+              trains the audio encoder, and it can shrink f_A towards whatever is easiest to predict.
+  ``trained`` eq. 6 read literally: the consistency gradient also reaches the audio encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .specs import MODALITIES, Layout, get_layout
+
+SETTINGS = ("full", "vision_only", "language_only", "language_vision", "kt")
+SETTING_INPUTS = {  # which modality slots the backbone fuses; in kt the audio slot holds f'_A
+    "full": ("l", "a", "v"),
+    "vision_only": ("v",),
+    "language_only": ("l",),
+    "language_vision": ("l", "v"),
+    "kt": ("l", "a", "v"),
+}
+
+
+def _per_modality(l, a, v) -> dict[str, int | float]:
+    return {"l": l, "a": a, "v": v}
+
+
+@dataclass
+class ModelConfig:
+    """Every number the model needs.  Defaults: the paper's MOSI configuration (Table 5), word-aligned MOSI shapes."""
+
+    # data
+    feature_dims: dict[str, int] = field(default_factory=lambda: _per_modality(300, 5, 20))  # input widths
+    seq_lens: dict[str, int] = field(default_factory=lambda: _per_modality(50, 50, 50))  # padded lengths
+    task: str = "regression"  # regression: (B, 1) output; classification: IEMOCAP (B, 4, 2) logits
+    # setting
+    setting: str = "kt"  # full | vision_only | language_only | language_vision | kt
+    targets: tuple[str, ...] = ("l", "a", "v")  # Table IV: target modalities whose cross-modal branch is kept
+    # backbone (MulT)
+    d: int = 40  # model width of every modality stream
+    heads: int = 10  # attention heads (d divisible by heads)
+    layers: int = 4  # depth of each cross-modal transformer
+    mem_layers: int = 3  # depth of each target's self-attention memory (MulT: max(layers, 3))
+    kernels: dict[str, int] = field(default_factory=lambda: _per_modality(1, 3, 3))  # Conv1d kernel per modality
+    causal: bool = True  # MulT's future mask (stretched to the source's length in cross-modal blocks)
+    text_dropout: float = 0.2  # dropout on the language input features ("text-embedding dropout")
+    embed_dropout: float = 0.2  # dropout after scaling + positions inside every transformer ("block dropout")
+    attn_dropout: dict[str, float] = field(default_factory=lambda: _per_modality(0.1, 0.0, 0.0))  # per target
+    relu_dropout: float = 0.1  # inside the feed-forward sublayer
+    res_dropout: float = 0.1  # on each sublayer's output before the residual sum
+    out_dropout: float = 0.1  # inside the residual MLP head
+    # knowledge transfer (used by setting "kt")
+    kt_encoder_layers: int = 1  # depth of the modality encoders giving f_L, f_V, f_A
+    kt_layers: int = 3  # depth of theta, phi and delta (the paper: transformer blocks of 3 layers)
+    kt_time_axis: str = "auto"  # auto | source | queries: how f'_A gets its time axis (module docstring)
+    kt_concat: str = "feature"  # delta's concatenation of [theta(f_V) || phi(f_L)]: feature (2d wide) | time (2T)
+    kt_target: str = "frozen"  # frozen | trained: does the consistency gradient reach the audio encoder
+    consistency: str = "l2"  # l2 (mean squared error, the paper's default) | l1 (Table V)
+    lambda1: float = 1.0  # weight of l_c(theta(f_V), f_A) in eq. 6
+    lambda2: float = 1.0  # weight of l_c(phi(f_L), f_A) in eq. 6
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        checks = [
+            (self.setting in SETTINGS, f"setting must be one of {SETTINGS}, got {self.setting!r}"),
+            (self.task in ("regression", "classification"), f"task must be regression or classification, got "
+                                                            f"{self.task!r}"),
+            (len(self.targets) > 0 and set(self.targets) <= set(MODALITIES) and len(set(self.targets)) ==
+             len(self.targets), f"targets must be distinct modalities among {MODALITIES}, got {self.targets}"),
+            (self.d > 0 and self.heads > 0 and self.d % self.heads == 0,
+             f"d ({self.d}) must be a positive multiple of heads ({self.heads})"),
+            (self.layers >= 1 and self.mem_layers >= 1 and self.kt_layers >= 1 and self.kt_encoder_layers >= 0,
+             "layers, mem_layers and kt_layers must be >= 1 (kt_encoder_layers >= 0)"),
+            (self.kt_time_axis in ("auto", "source", "queries"), f"kt_time_axis must be auto, source or queries, "
+                                                                 f"got {self.kt_time_axis!r}"),
+            (self.kt_concat in ("feature", "time"), f"kt_concat must be feature or time, got {self.kt_concat!r}"),
+            (self.kt_target in ("frozen", "trained"), f"kt_target must be frozen or trained, got {self.kt_target!r}"),
+            (self.consistency in ("l1", "l2"), f"consistency must be l1 or l2, got {self.consistency!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        for name in ("feature_dims", "seq_lens", "kernels", "attn_dropout"):
+            value = getattr(self, name)
+            if set(value) != set(MODALITIES):
+                raise ValueError(f"{name} needs one entry per modality {MODALITIES}, got {sorted(value)}")
+        for name in ("text_dropout", "embed_dropout", "relu_dropout", "res_dropout", "out_dropout",
+                     *(f"attn_dropout[{m}]" for m in MODALITIES)):
+            p = self.attn_dropout[name[-2]] if name.startswith("attn") else getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1), got {p}")
+        if self.time_axis == "source" and len(set(self.seq_lens.values())) != 1:
+            raise ValueError(f"kt_time_axis='source' needs l, a, v of one length, got {self.seq_lens}; use 'queries'")
+
+    # --- derived values
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return SETTING_INPUTS[self.setting]
+
+    @property
+    def kept_targets(self) -> tuple[str, ...]:
+        """Targets of the backbone: the configured ones that this setting has (all its inputs if none match)."""
+        kept = tuple(m for m in MODALITIES if m in self.targets and m in self.inputs)
+        return kept or self.inputs
+
+    @property
+    def output_dim(self) -> int:
+        return 8 if self.task == "classification" else 1
+
+    @property
+    def time_axis(self) -> str:
+        if self.kt_time_axis != "auto":
+            return self.kt_time_axis
+        return "source" if len(set(self.seq_lens.values())) == 1 else "queries"
+
+    # --- construction and serialisation
+    @classmethod
+    def for_layout(cls, layout: Layout | str, alignment: str = "aligned", **overrides) -> ModelConfig:
+        """The paper's configuration (Table 5) for a dataset's shapes, e.g. ``for_layout("mosi", "unaligned")``."""
+        layout = get_layout(layout, alignment) if isinstance(layout, str) else layout
+        base = dict(PAPER_CONFIGS.get(layout.dataset, {}))
+        base.update(feature_dims=dict(layout.feature_dims), seq_lens=dict(layout.seq_lens), task=layout.task)
+        base.update(overrides)
+        return cls(**base)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {sorted(unknown)}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))
+
+
+# The paper's Table 5 per dataset (d=40, 4 layers everywhere); kernels L/A/V.
+PAPER_CONFIGS: dict[str, dict] = {
+    "mosi": dict(heads=10, text_dropout=0.2, embed_dropout=0.2, out_dropout=0.1, kernels=_per_modality(1, 3, 3)),
+    "mosei": dict(heads=8, text_dropout=0.3, embed_dropout=0.1, out_dropout=0.1, kernels=_per_modality(1, 3, 3)),
+    "iemocap": dict(heads=10, text_dropout=0.3, embed_dropout=0.25, out_dropout=0.1, kernels=_per_modality(3, 5, 3)),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class ModalityProjection(nn.Module):
+    """Temporal Conv1d from a modality's feature width to d: (B, T, D_m) -> (B, T, d)."""
+
+    def __init__(self, in_dim: int, d: int, kernel: int):
+        super().__init__()
+        if kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"Conv1d kernel must be a positive odd number (keeps the length), got {kernel}")
+        self.conv = nn.Conv1d(in_dim, d, kernel_size=kernel, padding=kernel // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, D, T) -> (B, d, T) -> (B, T, d)
+
+
+class SinusoidalPositions(nn.Module):
+    """Fixed position codes: sin on even and cos on odd channels at geometric frequencies, (T,) -> (T, d)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.d = d
+
+    def forward(self, length: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]  # (T, 1)
+        freq = torch.exp(torch.arange(0, self.d, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / self.d))
+        codes = torch.zeros(length, self.d, device=device)
+        codes[:, 0::2] = torch.sin(pos * freq)
+        codes[:, 1::2] = torch.cos(pos * freq[: self.d // 2])
+        return codes.to(dtype)  # (T, d)
+
+
+def causal_mask(t: int, s: int, device=None) -> torch.Tensor:
+    """(T, S) bool, True where query i may not see key j: key j ends later (in relative time) than query i.
+
+    For T == S this is the usual future mask; for T != S the diagonal is stretched to the source's length, so the
+    last query sees every key.
+    """
+    i = torch.arange(t, device=device)[:, None]
+    j = torch.arange(s, device=device)[None, :]
+    return (j + 1) * t > (i + 1) * s  # (j+1)/S > (i+1)/T without rounding
+
+
+class CrossModalAttention(nn.Module):
+    """Eq. 3: ``CM_{m -> m'} = softmax(Q K^T / sqrt(d_k)) V`` with ``Q = X_{m'} W_Q``, ``K = X_m W_K``, ``V = X_m W_V``.
+
+    Multi-head; parameters laid out as ``torch.nn.MultiheadAttention`` (``in_proj_weight`` (3d, d), ``out_proj``),
+    so the two can share weights.  Uses PyTorch's fused ``scaled_dot_product_attention`` unless the attention
+    weights are asked for.  Masks: ``key_padding_mask`` (B, S) and ``attn_mask`` (T, S), True where attention is
+    not allowed (PyTorch's boolean convention for MultiheadAttention).
+    """
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.d, self.heads, self.dropout = d, heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d))
+        self.out_proj = nn.Linear(d, d)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, source: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None, need_weights: bool = False):
+        b, t, d = query.shape
+        s = source.shape[1]
+        w_q, w_kv = self.in_proj_weight.split([d, 2 * d])
+        b_q, b_kv = self.in_proj_bias.split([d, 2 * d])
+        q = F.linear(query, w_q, b_q)  # (B, T, d)
+        k, v = F.linear(source, w_kv, b_kv).chunk(2, dim=-1)  # (B, S, d) each
+        q, k, v = (x.view(b, -1, self.heads, d // self.heads).transpose(1, 2) for x in (q, k, v))  # (B, H, *, d_k)
+
+        blocked = None  # (B, 1, T, S) True = not allowed
+        if key_padding_mask is not None:
+            blocked = key_padding_mask[:, None, None, :].expand(b, 1, t, s)
+        if attn_mask is not None:
+            blocked = attn_mask[None, None] if blocked is None else blocked | attn_mask[None, None]
+        if blocked is not None:
+            # A query that may see nothing (e.g. a padding step under the causal mask) sees everything instead;
+            # its output is padding and is never used, but must not be NaN.
+            blocked = blocked & ~blocked.all(-1, keepdim=True)
+        p = self.dropout if self.training else 0.0
+
+        if not need_weights:
+            allowed = None if blocked is None else ~blocked
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # (B, H, T, d_k)
+            weights = None
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)  # (B, H, T, S)
+            if blocked is not None:
+                scores = scores.masked_fill(blocked, float("-inf"))
+            weights = scores.softmax(-1)
+            out = F.dropout(weights, p, self.training) @ v
+        out = out.transpose(1, 2).reshape(b, t, d)  # (B, T, d)
+        return self.out_proj(out), weights
+
+
+class TransformerLayer(nn.Module):
+    """Eq. 4 as a pre-LayerNorm block: ``m' = m' + Z``, ``Z = CM(LN(m'), LN(m))``, then ``m' = m' + FFN(LN(m'))``."""
+
+    def __init__(self, d: int, heads: int, attn_dropout: float, relu_dropout: float, res_dropout: float):
+        super().__init__()
+        self.attn = CrossModalAttention(d, heads, attn_dropout)
+        self.norm_attn = nn.LayerNorm(d)  # shared by target and source, as in MulT
+        self.norm_ffn = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Dropout(relu_dropout), nn.Linear(4 * d, d))
+        self.res_dropout = nn.Dropout(res_dropout)
+
+    def forward(self, x, source=None, source_mask=None, attn_mask=None, need_weights=False):
+        h = self.norm_attn(x)
+        kv = h if source is None else self.norm_attn(source)
+        z, weights = self.attn(h, kv, key_padding_mask=source_mask, attn_mask=attn_mask, need_weights=need_weights)
+        x = x + self.res_dropout(z)
+        x = x + self.res_dropout(self.ffn(self.norm_ffn(x)))
+        return x, weights
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of :class:`TransformerLayer`: self-attention (no source) or cross-modal ``target <- source``.
+
+    Inputs are scaled by sqrt(d) and given position codes, then dropped out (``embed_dropout``), as in MulT;
+    a final LayerNorm closes the stack.  (B, T, d) [+ source (B, S, d)] -> (B, T, d).
+    """
+
+    def __init__(self, d: int, heads: int, layers: int, attn_dropout: float = 0.0, relu_dropout: float = 0.0,
+                 res_dropout: float = 0.0, embed_dropout: float = 0.0, causal: bool = False):
+        super().__init__()
+        self.scale, self.causal = math.sqrt(d), causal
+        self.positions = SinusoidalPositions(d)
+        self.embed_dropout = nn.Dropout(embed_dropout)
+        self.layers = nn.ModuleList(
+            TransformerLayer(d, heads, attn_dropout, relu_dropout, res_dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+
+    def _embed(self, x):
+        return self.embed_dropout(self.scale * x + self.positions(x.shape[1], x.device, x.dtype))
+
+    def forward(self, x, source=None, source_mask=None, x_mask=None, need_weights=False):
+        """``x_mask`` / ``source_mask``: (B, T) / (B, S) True on padding; self-attention uses ``x_mask``."""
+        x = self._embed(x)
+        if source is not None:
+            source = self._embed(source)
+        else:
+            source_mask = x_mask
+        s = x.shape[1] if source is None else source.shape[1]
+        attn_mask = causal_mask(x.shape[1], s, x.device) if self.causal else None
+        weights = []
+        for layer in self.layers:
+            x, w = layer(x, source, source_mask, attn_mask, need_weights)
+            weights.append(w)
+        return self.norm(x), weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Knowledge transfer (eq. 1-2)
+
+
+def consistency_loss(pred: torch.Tensor, target: torch.Tensor, frame_mask: torch.Tensor, kind: str) -> torch.Tensor:
+    """l_c of eq. 1: mean over real frames (``frame_mask`` (B, T) True on frames to compare) of L2 or L1 error."""
+    err = (pred - target).pow(2) if kind == "l2" else (pred - target).abs()  # (B, T, d)
+    weight = frame_mask.to(err.dtype)[..., None]  # (B, T, 1)
+    return (err * weight).sum() / (weight.sum() * err.shape[-1]).clamp_min(1.0)
+
+
+class KnowledgeTransfer(nn.Module):
+    """Eq. 1-2: reconstruct the audio representation from vision (theta) and language (phi), fuse them (delta).
+
+    Inputs are the projected sequences (B, T_m, d).  Returns a dict with f_l, f_v, theta_v = theta(f_V),
+    phi_l = phi(f_L), f_a_hat = f'_A (B, T_a', d) and its padding mask; with real audio also f_a and the two
+    consistency losses.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, h = cfg.d, cfg.heads
+        drop = dict(relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout, embed_dropout=cfg.embed_dropout)
+
+        def encoder(m):  # modality encoder giving f_m (identity when kt_encoder_layers == 0)
+            if cfg.kt_encoder_layers == 0:
+                return nn.Identity()
+            return TransformerEncoder(d, h, cfg.kt_encoder_layers, attn_dropout=cfg.attn_dropout[m], **drop)
+
+        self.enc_l, self.enc_v, self.enc_a = encoder("l"), encoder("v"), encoder("a")
+        a_drop = cfg.attn_dropout["a"]
+        self.theta = TransformerEncoder(d, h, cfg.kt_layers, attn_dropout=a_drop, **drop)  # (V) -> A
+        self.phi = TransformerEncoder(d, h, cfg.kt_layers, attn_dropout=a_drop, **drop)  # (L) -> A
+        if cfg.kt_concat == "feature":
+            self.fuse_in = nn.Linear(2 * d, d)  # [theta || phi] along features: (B, T, 2d) -> (B, T, d)
+        else:
+            self.segment = nn.Parameter(torch.zeros(2, d))  # tells the two halves apart along time
+            nn.init.normal_(self.segment, std=0.02)
+        self.delta = TransformerEncoder(d, h, cfg.kt_layers, attn_dropout=a_drop, **drop)
+
+    def _encode(self, enc, x, mask):
+        return x if isinstance(enc, nn.Identity) else enc(x, x_mask=mask)[0]
+
+    def _transfer(self, net, f_src, mask_src, t_a):
+        if self.cfg.time_axis == "source":
+            return net(f_src, x_mask=mask_src)[0], mask_src  # (B, T_src, d) on the source's time axis
+        queries = f_src.new_zeros(f_src.shape[0], t_a, f_src.shape[2])  # position codes only, added inside
+        return net(queries, source=f_src, source_mask=mask_src)[0], None  # (B, T_a, d)
+
+    def forward(self, x_l, mask_l, x_v, mask_v, x_a=None, mask_a=None, audio_rows=None):
+        cfg = self.cfg
+        t_a = cfg.seq_lens["a"]
+        f_l = self._encode(self.enc_l, x_l, mask_l)  # (B, T_l, d)
+        f_v = self._encode(self.enc_v, x_v, mask_v)  # (B, T_v, d)
+        theta_v, mask_hat = self._transfer(self.theta, f_v, mask_v, t_a)  # (B, T_a', d)  (V) -> A
+        phi_l, mask_hat_l = self._transfer(self.phi, f_l, mask_l, t_a)  # (B, T_a', d)  (L) -> A
+        if mask_hat is not None:
+            mask_hat = mask_hat & mask_hat_l  # a frame is padding only if both sources are padding there
+        if cfg.kt_concat == "feature":
+            f_a_hat = self.delta(self.fuse_in(torch.cat([theta_v, phi_l], -1)), x_mask=mask_hat)[0]  # (B, T_a', d)
+        else:
+            both = torch.cat([theta_v + self.segment[0], phi_l + self.segment[1]], 1)  # (B, 2 T_a', d)
+            both_mask = None if mask_hat is None else torch.cat([mask_hat, mask_hat], 1)
+            fused = self.delta(both, x_mask=both_mask)[0]
+            f_a_hat = 0.5 * (fused[:, :t_a] + fused[:, t_a:])  # (B, T_a', d): the two halves averaged
+        out = {"f_l": f_l, "f_v": f_v, "theta_v": theta_v, "phi_l": phi_l, "f_a_hat": f_a_hat, "mask_a_hat": mask_hat}
+        if x_a is not None:  # training: the real audio supervises the reconstruction
+            f_a = self._encode(self.enc_a, x_a, mask_a)  # (B, T_a, d)
+            if cfg.kt_target == "frozen":
+                f_a = f_a.detach()
+            frames = ~mask_a  # (B, T_a) real audio frames
+            if audio_rows is not None:
+                frames = frames & audio_rows[:, None]  # only samples whose audio is present
+            out["f_a"] = f_a
+            out["loss_va"] = consistency_loss(theta_v, f_a, frames, cfg.consistency)
+            out["loss_la"] = consistency_loss(phi_l, f_a, frames, cfg.consistency)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MulT backbone and the full model
+
+
+class MulTBackbone(nn.Module):
+    """Cross-modal transformers ``target <- source`` for every kept target and every other input, a self-attention
+    memory per target over the concatenated streams, the last time step, a residual MLP and a linear output."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d
+        drop = dict(relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout, embed_dropout=cfg.embed_dropout)
+        self.pairs = [(t, s) for t in cfg.kept_targets for s in cfg.inputs if s != t]  # (source) -> target
+        self.cross = nn.ModuleDict({
+            f"trans_{t}_with_{s}": TransformerEncoder(d, cfg.heads, cfg.layers, attn_dropout=cfg.attn_dropout[t],
+                                                      causal=cfg.causal, **drop)
+            for t, s in self.pairs
+        })
+        self.mem = nn.ModuleDict()
+        width = 0
+        for t in cfg.kept_targets:
+            n_src = sum(1 for tt, _ in self.pairs if tt == t) or 1  # a lone modality attends to itself
+            self.mem[f"trans_{t}_mem"] = TransformerEncoder(n_src * d, cfg.heads, cfg.mem_layers,
+                                                            attn_dropout=cfg.attn_dropout[t], causal=cfg.causal, **drop)
+            width += n_src * d
+        self.proj1, self.proj2 = nn.Linear(width, width), nn.Linear(width, width)
+        self.out_dropout = nn.Dropout(cfg.out_dropout)
+        self.out_layer = nn.Linear(width, cfg.output_dim)
+
+    def forward(self, seqs: dict[str, torch.Tensor], masks: dict[str, torch.Tensor | None], need_weights=False):
+        last, weights = [], {}
+        for t in self.cfg.kept_targets:
+            streams = []
+            for tt, s in self.pairs:
+                if tt != t:
+                    continue
+                name = f"trans_{t}_with_{s}"
+                h, w = self.cross[name](seqs[t], source=seqs[s], source_mask=masks[s], need_weights=need_weights)
+                streams.append(h)  # (B, T_t, d)  (s) -> t
+                weights[name] = w
+            h = torch.cat(streams, -1) if streams else seqs[t]  # (B, T_t, n_src * d)
+            h, w = self.mem[f"trans_{t}_mem"](h, x_mask=masks[t], need_weights=need_weights)
+            weights[f"trans_{t}_mem"] = w
+            last.append(h[:, -1])  # last step: real under front padding  (B, n_src * d)
+        last = torch.cat(last, -1)  # (B, width)
+        hidden = self.proj2(self.out_dropout(F.relu(self.proj1(last)))) + last  # residual MLP
+        return self.out_layer(hidden), last, weights
+
+
+class KTModel(nn.Module):
+    """The model of every setting: projections, the knowledge-transfer network (setting ``kt``), the backbone.
+
+    ``forward(batch)`` takes a batch from :func:`ktlib.data.make_loader` (keys l, a, v, mask_l, mask_a, mask_v,
+    present) and returns the prediction: (B, 1) for regression, (B, 4, 2) logits for IEMOCAP.  With
+    ``return_details=True`` it returns ``(prediction, details)``: the knowledge-transfer pieces (f_a, f_a_hat,
+    theta_v, phi_l, the consistency losses), the pooled representation and, with ``need_weights=True``, the
+    attention weights of every block.
+
+    The audio tensor is read only where it is used: in ``full``, and in ``kt`` training for the consistency target.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        needed = set(cfg.inputs) | ({"l", "v", "a"} if cfg.setting == "kt" else set())
+        self.proj = nn.ModuleDict({m: ModalityProjection(cfg.feature_dims[m], cfg.d, cfg.kernels[m])
+                                   for m in MODALITIES if m in needed})
+        self.kt = KnowledgeTransfer(cfg) if cfg.setting == "kt" else None
+        self.backbone = MulTBackbone(cfg)
+
+    def reads_audio(self) -> bool:
+        """Whether a forward pass in the current mode reads the batch's audio."""
+        return self.cfg.setting == "full" or (self.cfg.setting == "kt" and self.training)
+
+    def _project(self, batch, m):
+        x = batch[m]
+        if m == "l":
+            x = F.dropout(x, self.cfg.text_dropout, self.training)
+        return self.proj[m](x)  # (B, T_m, d)
+
+    def forward(self, batch: dict[str, torch.Tensor], return_details: bool = False, need_weights: bool = False):
+        cfg = self.cfg
+        seqs, masks, details = {}, {}, {}
+        for m in cfg.inputs:
+            if m == "a" and cfg.setting == "kt":
+                continue  # filled with the reconstruction below
+            seqs[m], masks[m] = self._project(batch, m), batch[f"mask_{m}"]
+        if cfg.setting == "kt":
+            x_l = seqs["l"]
+            x_v = seqs["v"]
+            x_a = mask_a = rows = None
+            if self.training:  # audio supervises the reconstruction; never read at inference
+                x_a, mask_a = self._project(batch, "a"), batch["mask_a"]
+                rows = batch["present"][:, MODALITIES.index("a")] if "present" in batch else None
+            details = self.kt(x_l, masks["l"], x_v, masks["v"], x_a, mask_a, rows)
+            seqs["a"], masks["a"] = details["f_a_hat"], details["mask_a_hat"]
+        out, pooled, weights = self.backbone(seqs, masks, need_weights)
+        if cfg.task == "classification":
+            out = out.view(-1, 4, 2)  # (B, 4 emotions, no/yes)
+        if not return_details:
+            return out
+        details = dict(details, pooled=pooled)
+        if need_weights:
+            details["attention"] = weights
+        return out, details
+
+    def consistency_term(self, details: dict) -> torch.Tensor:
+        """lambda1 * L_c(V->A) + lambda2 * L_c(L->A) of eq. 6 (zero when there is nothing to compare)."""
+        if "loss_va" not in details:
+            return torch.zeros((), device=next(self.parameters()).device)
+        return self.cfg.lambda1 * details["loss_va"] + self.cfg.lambda2 * details["loss_la"]
+
+    def load_audio_encoder(self, other: KTModel) -> None:
+        """Copy the audio projection of a trained model (e.g. ``full``) as the source of the consistency target."""
+        self.proj["a"].load_state_dict(other.proj["a"].state_dict())
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: config + state_dict + metrics, loadable with weights_only=True
+
+
+def save_checkpoint(path, model: KTModel, metrics: dict | None = None, extra: dict | None = None) -> None:
+    """Write ``{config, state_dict, metrics, extra}`` (plain types and tensors only) atomically."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    payload = {"config": model.cfg.to_dict(), "state_dict": model.state_dict(), "metrics": dict(metrics or {}),
+               "extra": dict(extra or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> tuple[KTModel, dict]:
+    """Rebuild the model from a checkpoint with ``torch.load(weights_only=True)``; returns (model, payload)."""
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    model = KTModel(ModelConfig.from_dict(payload["config"]))
+    model.load_state_dict(payload["state_dict"])
+    return model, payload
