@@ -41,6 +41,7 @@ reproduce: $(STAMP)
 	$(PY) -m ktlib reproduce
 
 test: $(STAMP)
+	$(PY) -m ruff check ktlib tests
 	$(PY) -m pytest
 
 lint: $(STAMP)

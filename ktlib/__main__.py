@@ -3,6 +3,7 @@
 Commands
   data        load a dataset (real MulT file if present, else the simulator) and print what it holds
   simulate    generate simulator presets into the cache and print how long each took
+  params      parameter counts of every setting at the paper's configuration
   reproduce   the workbook's main job on the built-in data
 """
 
@@ -93,6 +94,19 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_params(args) -> int:
+    from .model import SETTINGS, KTModel, ModelConfig, count_parameters
+
+    print(f"parameters at the paper's {args.dataset} configuration ({args.alignment}; d, layers, heads of Table 5)")
+    print(f"{'setting':16s} {'total':>10s} {'projections':>12s} {'knowledge transfer':>19s} {'backbone':>10s}")
+    for setting in SETTINGS:
+        model = KTModel(ModelConfig.for_layout(args.dataset, args.alignment, setting=setting))
+        kt = count_parameters(model.kt) if model.kt is not None else 0
+        print(f"{setting:16s} {count_parameters(model):10,d} {count_parameters(model.proj):12,d} {kt:19,d} "
+              f"{count_parameters(model.backbone):10,d}")
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from .data import get_data
 
@@ -127,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true", help="also write each preset to the cache in data/sim/")
     _add_sim_knobs(p)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("params", help="parameter counts of every setting at the paper's configuration")
+    p.add_argument("--dataset", choices=DATASETS, default="mosi", help="whose Table 5 configuration (default mosi)")
+    p.add_argument("--alignment", choices=ALIGNMENTS, default="aligned", help="input shapes (default aligned)")
+    p.set_defaults(func=cmd_params)
 
     p = sub.add_parser("reproduce", help="the workbook's main job on the built-in data")
     p.add_argument("--seed", type=int, default=0, help="simulator seed")

@@ -158,10 +158,16 @@ class ModelConfig:
 
     # --- construction and serialisation
     @classmethod
-    def for_layout(cls, layout: Layout | str, alignment: str = "aligned", **overrides) -> ModelConfig:
-        """The paper's configuration (Table 5) for a dataset's shapes, e.g. ``for_layout("mosi", "unaligned")``."""
+    def for_layout(cls, layout: Layout | str, alignment: str = "aligned", preset: str = "paper",
+                   **overrides) -> ModelConfig:
+        """A configuration for a dataset's shapes, e.g. ``for_layout("mosi", "unaligned")``.
+
+        ``preset="paper"``: the paper's Table 5 for that dataset; ``"mult_code"``: the official MulT code defaults.
+        """
         layout = get_layout(layout, alignment) if isinstance(layout, str) else layout
-        base = dict(PAPER_CONFIGS.get(layout.dataset, {}))
+        if preset not in ("paper", "mult_code"):
+            raise ValueError(f"preset must be 'paper' or 'mult_code', got {preset!r}")
+        base = dict(PAPER_CONFIGS.get(layout.dataset, {}) if preset == "paper" else MULT_CODE_DEFAULTS)
         base.update(feature_dims=dict(layout.feature_dims), seq_lens=dict(layout.seq_lens), task=layout.task)
         base.update(overrides)
         return cls(**base)
@@ -191,6 +197,12 @@ PAPER_CONFIGS: dict[str, dict] = {
     "mosei": dict(heads=8, text_dropout=0.3, embed_dropout=0.1, out_dropout=0.1, kernels=_per_modality(1, 3, 3)),
     "iemocap": dict(heads=10, text_dropout=0.3, embed_dropout=0.25, out_dropout=0.1, kernels=_per_modality(3, 5, 3)),
 }
+
+
+# The official MulT code's defaults (its command-line flags).
+MULT_CODE_DEFAULTS: dict = dict(d=30, layers=5, heads=5, kernels=_per_modality(1, 1, 1), text_dropout=0.25,
+                                embed_dropout=0.25, attn_dropout=_per_modality(0.1, 0.0, 0.0), relu_dropout=0.1,
+                                res_dropout=0.1, out_dropout=0.0, causal=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
