@@ -4,6 +4,9 @@ Commands
   data        load a dataset (real MulT file if present, else the simulator) and print what it holds
   simulate    generate simulator presets into the cache and print how long each took
   params      parameter counts of every setting at the paper's configuration
+  train       train one run (or load it if this configuration already ran) and print its metrics
+  grid        settings x seeds, mean +- std, beside the paper's numbers
+  table       every finished run in the store, summarised
   reproduce   the workbook's main job on the built-in data
 """
 
@@ -107,6 +110,63 @@ def cmd_params(args) -> int:
     return 0
 
 
+def _load(args):
+    from .data import get_data
+    from .train import profile
+
+    scale = args.scale if args.scale is not None else profile(args.profile).scale
+    return get_data(args.dataset, args.alignment, source=args.source, data_dir=args.data_path, scale=scale,
+                    seed=args.data_seed)
+
+
+def _print_table(frame) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 40, "display.precision", 3):
+        print(frame.to_string(index=False))
+
+
+def cmd_train(args) -> int:
+    from .model import ModelConfig
+    from .runs import load_or_train
+    from .train import TrainConfig, profile
+
+    data = _load(args)
+    prof = profile(args.profile)
+    model_cfg = ModelConfig.for_layout(data.layout, setting=args.setting, **prof.model)
+    train_cfg = TrainConfig(**{**prof.train, "seed": args.seed, "device": args.device})
+    run = load_or_train(model_cfg, train_cfg, data, args.runs_dir, force=args.force, progress=not args.quiet)
+    print(f"run {run.id} [{data.kind}] in {run.dir}")
+    import pandas as pd
+
+    table = pd.DataFrame({split: run.metrics[split] for split in ("valid", "test")})
+    _print_table(table.reset_index(names="metric"))
+    return 0
+
+
+def cmd_grid(args) -> int:
+    from .runs import compare_with_paper, grid, summarize
+
+    data = _load(args)
+    tidy = grid(data, args.settings, args.seeds, args.profile, runs_dir=args.runs_dir, force=args.force,
+                progress=not args.quiet)
+    print(f"{data.layout.name} [{data.kind}], profile {args.profile}, seeds {args.seeds}: test split, "
+          f"mean ± std over seeds (accuracies and F1 in %)")
+    _print_table(compare_with_paper(summarize(tidy)))
+    return 0
+
+
+def cmd_table(args) -> int:
+    from .runs import collect, compare_with_paper, summarize
+
+    tidy = collect(args.runs_dir)
+    if tidy.empty:
+        print("no finished runs in the store yet; train some with `python -m ktlib train` or `grid`")
+        return 0
+    _print_table(compare_with_paper(summarize(tidy), split=args.split))
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from .data import get_data
 
@@ -146,6 +206,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS, default="mosi", help="whose Table 5 configuration (default mosi)")
     p.add_argument("--alignment", choices=ALIGNMENTS, default="aligned", help="input shapes (default aligned)")
     p.set_defaults(func=cmd_params)
+
+    from .model import SETTINGS
+    from .train import PROFILES
+
+    def add_run_options(p, settings_many: bool):
+        p.add_argument("--dataset", choices=DATASETS, default="mosi", help="which corpus (default mosi)")
+        p.add_argument("--alignment", choices=ALIGNMENTS, default="aligned", help="word-aligned or unaligned")
+        if settings_many:
+            p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS),
+                           help="settings to train (default: all five)")
+            p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="training seeds (default 1 2 3)")
+        else:
+            p.add_argument("--setting", choices=SETTINGS, default="kt", help="which model setting (default kt)")
+            p.add_argument("--seed", type=int, default=1, help="training seed (default 1)")
+        p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                       help="smoke (seconds, for tests) | quick (minutes on a CPU) | paper (Table 5, for a GPU)")
+        p.add_argument("--source", choices=("auto", "real", "simulated"), default="simulated",
+                       help="simulated (default, the built-in data) | real (needs the MulT file) | auto")
+        p.add_argument("--data-path", default=None, help="folder holding the real MulT files (default data/)")
+        p.add_argument("--scale", type=float, default=None, help="simulator scale (default: the profile's)")
+        p.add_argument("--data-seed", type=int, default=0, help="simulator seed (default 0)")
+        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA if present")
+        p.add_argument("--runs-dir", default=None, help="run store (default runs/, or $KTLIB_RUNS_DIR)")
+        p.add_argument("--force", action="store_true", help="retrain even if this configuration already ran")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("train", help="train one run, or load it if it already ran, and print its metrics")
+    add_run_options(p, settings_many=False)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("grid", help="settings x seeds: mean +- std beside the paper's numbers")
+    add_run_options(p, settings_many=True)
+    p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("table", help="summarise every finished run in the store")
+    p.add_argument("--runs-dir", default=None, help="run store (default runs/, or $KTLIB_RUNS_DIR)")
+    p.add_argument("--split", choices=("valid", "test"), default="test", help="which split (default test)")
+    p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("reproduce", help="the workbook's main job on the built-in data")
     p.add_argument("--seed", type=int, default=0, help="simulator seed")

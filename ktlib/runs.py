@@ -1,0 +1,203 @@
+"""The run store: every training run lives in ``runs/<id>/``, and the same configuration is loaded, not retrained.
+
+A finished run's folder holds ``config.json`` (model, training and data descriptions), ``metrics.json`` (valid and
+test, every metric), ``history.csv`` (one row per epoch), ``model.pt`` (the best model: config + state_dict, loads
+with ``weights_only=True``) and ``environment.json`` (versions, device).  The id is readable and ends with a hash
+of the whole configuration, so any change of data, model or training gives a new run.  ``metrics.json`` is
+written last: a folder without it is an unfinished run, which :func:`load_or_train` resumes from ``last.pt``.
+
+:func:`grid` runs settings x seeds (x variants for ablations) and returns a tidy table; :func:`summarize` gives
+mean and standard deviation per cell; :func:`compare_with_paper` puts them beside the paper's numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .data import MultimodalData, project_root
+from .model import KTModel, ModelConfig, load_checkpoint, save_checkpoint
+from .train import TrainConfig, fit, profile
+
+_REFERENCE = Path(__file__).with_name("reference")
+
+
+def default_runs_dir() -> Path:
+    env = os.environ.get("KTLIB_RUNS_DIR")
+    return Path(env).expanduser() if env else project_root() / "runs"
+
+
+def data_descriptor(data: MultimodalData) -> dict:
+    """What identifies the data of a run: the layout, and the simulator's knobs or the real file's name and size."""
+    desc = {"layout": data.layout.name, "synthetic": data.synthetic}
+    if data.sim_config is not None:
+        desc["simulator"] = asdict(data.sim_config)
+    else:
+        path = Path(data.source)
+        desc["file"] = path.name
+        desc["bytes"] = path.stat().st_size if path.exists() else None
+    return desc
+
+
+def run_id(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData) -> str:
+    blob = json.dumps({"model": model_cfg.to_dict(), "train": asdict(train_cfg), "data": data_descriptor(data)},
+                      sort_keys=True)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:10]
+    return f"{data.layout.name}-{model_cfg.setting}-seed{train_cfg.seed}-{digest}"
+
+
+def environment() -> dict:
+    cuda = torch.cuda.is_available()
+    return {"ktlib": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "pandas": pd.__version__, "platform": platform.platform(),
+            "cuda": torch.version.cuda if cuda else None,
+            "gpu": torch.cuda.get_device_name(0) if cuda else None, "cpu_threads": torch.get_num_threads()}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
+    os.replace(tmp, path)
+
+
+@dataclass
+class Run:
+    """A finished run, read back from its folder."""
+
+    id: str
+    dir: Path
+    config: dict
+    metrics: dict
+    history: pd.DataFrame
+
+    @classmethod
+    def load(cls, path: str | Path) -> Run:
+        path = Path(path)
+        if not (path / "metrics.json").exists():
+            raise FileNotFoundError(f"{path} is not a finished run (no metrics.json); train it with load_or_train")
+        return cls(id=path.name, dir=path, config=json.loads((path / "config.json").read_text()),
+                   metrics=json.loads((path / "metrics.json").read_text()),
+                   history=pd.read_csv(path / "history.csv"))
+
+    def load_model(self) -> KTModel:
+        return load_checkpoint(self.dir / "model.pt")[0]
+
+    @property
+    def setting(self) -> str:
+        return self.config["model"]["setting"]
+
+
+def load_or_train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData,
+                  runs_dir: str | Path | None = None, force: bool = False, progress: bool = True) -> Run:
+    """The finished run of this configuration if there is one, else train it (resuming an interrupted run)."""
+    rid = run_id(model_cfg, train_cfg, data)
+    folder = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    folder = folder / rid
+    if force and folder.exists():
+        shutil.rmtree(folder)
+    if (folder / "metrics.json").exists():
+        return Run.load(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model": model_cfg.to_dict(), "train": asdict(train_cfg), "data": data_descriptor(data)}
+    _write_json(folder / "config.json", config)
+    result = fit(model_cfg, train_cfg, data, run_dir=folder, progress=progress)
+    save_checkpoint(folder / "model.pt", result.model, metrics=result.metrics)
+    pd.DataFrame(result.history).to_csv(folder / "history.csv", index=False)
+    _write_json(folder / "environment.json", environment())
+    _write_json(folder / "metrics.json", result.metrics)  # last: marks the run finished
+    for name in ("last.pt", "last.pt.sha256"):  # the resume state is no longer needed
+        (folder / name).unlink(missing_ok=True)
+    return Run.load(folder)
+
+
+def _tidy_rows(run: Run, variant: str = "default", kind: str | None = None) -> list[dict]:
+    layout = run.config["data"]["layout"]
+    dataset, _, alignment = layout.partition("_")
+    kind = kind or ("synthetic (simulator)" if run.config["data"]["synthetic"] else "real")
+    seed = run.config["train"]["seed"]
+    return [{"dataset": dataset, "alignment": alignment, "data": kind, "setting": run.setting, "variant": variant,
+             "seed": seed, "split": split, "metric": metric, "value": value, "run": run.id}
+            for split in ("valid", "test") for metric, value in run.metrics[split].items()]
+
+
+def collect(runs_dir: str | Path | None = None) -> pd.DataFrame:
+    """A tidy table of every finished run in the store."""
+    folder = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    rows = []
+    for path in sorted(folder.glob("*/metrics.json")):
+        rows.extend(_tidy_rows(Run.load(path.parent)))
+    return pd.DataFrame(rows)
+
+
+def grid(data: MultimodalData, settings, seeds, profile_name: str = "quick", variants: dict | None = None,
+         runs_dir: str | Path | None = None, force: bool = False, progress: bool = True, **model_overrides):
+    """Train (or load) every setting x seed (x variant) and return a tidy table: one row per run, split and metric.
+
+    ``variants`` maps a label to ModelConfig overrides, e.g. ``{"L1": {"consistency": "l1"}, "L2": {}}``.
+    """
+    prof = profile(profile_name)
+    variants = variants or {"default": {}}
+    rows = []
+    for setting in settings:
+        for label, overrides in variants.items():
+            for seed in seeds:
+                model_cfg = ModelConfig.for_layout(data.layout, setting=setting,
+                                                   **{**prof.model, **model_overrides, **overrides})
+                train_cfg = TrainConfig(**{**prof.train, "seed": seed})
+                run = load_or_train(model_cfg, train_cfg, data, runs_dir, force, progress)
+                rows.extend(_tidy_rows(run, label, data.kind))
+    return pd.DataFrame(rows)
+
+
+def summarize(tidy: pd.DataFrame) -> pd.DataFrame:
+    """Mean and population standard deviation over seeds per (setting, variant, split, metric)."""
+    keys = ["dataset", "alignment", "data", "setting", "variant", "split", "metric"]
+    out = tidy.groupby(keys, sort=False)["value"].agg(mean="mean", std=lambda v: float(np.std(v)), n="count")
+    return out.reset_index()
+
+
+def paper_table(dataset: str | None = None, alignment: str | None = None) -> pd.DataFrame:
+    """The paper's numbers (Tables I-V), as published (percentages for accuracies and F1)."""
+    name = "paper_tables_iemocap.csv" if dataset == "iemocap" else "paper_tables.csv"
+    table = pd.read_csv(_REFERENCE / name)
+    if dataset is not None:
+        table = table[table["dataset"] == dataset]
+    if alignment is not None:
+        table = table[table["alignment"] == alignment]
+    return table.reset_index(drop=True)
+
+
+# Our metric -> the paper's column, and the factor that turns ours into the paper's units.
+_PAPER_COLUMNS = {"acc7": ("Acc7", 100), "acc2_non0": ("Acc2", 100), "f1_non0": ("F1", 100), "mae": ("MAE", 1),
+                  "corr": ("Corr", 1)}
+
+
+def compare_with_paper(summary: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Side by side: our mean +- std per setting and the paper's row for the same dataset, alignment and setting."""
+    rows = []
+    part = summary[summary["split"] == split]
+    for (dataset, alignment, kind, setting, variant), cell in part.groupby(
+            ["dataset", "alignment", "data", "setting", "variant"], sort=False):
+        paper = paper_table(dataset, alignment)
+        paper = paper[(paper["method"] == "ours") & (paper["setting"] == setting)]
+        columns = _PAPER_COLUMNS if dataset != "iemocap" else {
+            f"{e}_{m}": (f"{e}_{m}", 100) for e in ("happy", "sad", "angry", "neutral") for m in ("acc", "f1")}
+        row = {"dataset": dataset, "alignment": alignment, "data": kind, "setting": setting, "variant": variant}
+        for metric, (column, factor) in columns.items():
+            hit = cell[cell["metric"] == metric]
+            if len(hit):
+                mean, std = hit["mean"].iloc[0] * factor, hit["std"].iloc[0] * factor
+                row[column] = f"{mean:.3f} ± {std:.3f}" if factor == 1 else f"{mean:.1f} ± {std:.1f}"
+            row[f"{column} (paper)"] = paper[column].iloc[0] if len(paper) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)

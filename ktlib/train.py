@@ -1,0 +1,283 @@
+"""Training: one ``fit`` for every setting and dataset, on CUDA when present and on the CPU otherwise.
+
+- Task loss per dataset: L1 for MOSI / MOSEI regression, cross-entropy over the four binary emotions of IEMOCAP;
+  in setting ``kt`` plus ``lambda1 * L_c(V->A) + lambda2 * L_c(L->A)`` (eq. 6).
+- Adam, gradient clipping, ReduceLROnPlateau on the validation loss (MulT) or the paper's constant rate,
+  early stopping, and the best model by validation loss.  Mixed precision (bfloat16 autocast) on CUDA.
+- Validation and test batches never carry audio in the missing-audio settings: the model is selected and scored
+  exactly as it will be used.
+- Checkpoints after every epoch hold the model, optimiser, scheduler, random state and history, so a run that is
+  killed resumes from its last finished epoch and ends where an uninterrupted run would (on the CPU).
+- Profiles (``smoke`` / ``quick`` / ``paper``) are named bundles of model and training settings: see ``PROFILES``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics as M
+from .data import MultimodalData, make_loader
+from .model import KTModel, ModelConfig
+
+# Settings whose inputs at test time have no audio; their validation and test batches are built without it.
+AUDIO_FREE_AT_TEST = ("kt", "language_vision", "vision_only", "language_only")
+
+
+@dataclass
+class TrainConfig:
+    """How to train.  ``TrainConfig.from_profile("quick")`` gives a named bundle."""
+
+    epochs: int = 40  # the paper trains 40 epochs
+    batch_size: int = 24
+    lr: float = 1e-3
+    clip: float = 0.8  # gradient-norm clipping
+    schedule: str = "plateau"  # plateau: ReduceLROnPlateau on valid loss (MulT) | constant: the paper's fixed rate
+    plateau_patience: int = 20
+    plateau_factor: float = 0.1
+    early_stop: int = 0  # stop after this many epochs without a better valid loss (0: never)
+    seed: int = 1
+    device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda
+    amp: bool = True  # bfloat16 autocast on CUDA (ignored on the CPU)
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.schedule not in ("plateau", "constant"):
+            raise ValueError(f"schedule must be 'plateau' or 'constant', got {self.schedule!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named bundle: model overrides, training settings and the simulator's scale."""
+
+    name: str
+    model: dict = field(default_factory=dict)  # ModelConfig overrides on top of the paper's configuration
+    train: dict = field(default_factory=dict)  # TrainConfig fields
+    scale: float = 1.0  # fraction of the published split sizes when the data is simulated
+    description: str = ""
+
+
+_NO_DROPOUT = dict(text_dropout=0.0, embed_dropout=0.0, relu_dropout=0.0, res_dropout=0.0, out_dropout=0.0,
+                   attn_dropout={"l": 0.0, "a": 0.0, "v": 0.0})
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile("smoke", model=dict(d=8, heads=2, layers=1, mem_layers=1, kt_layers=1, **_NO_DROPOUT),
+                     train=dict(epochs=2, batch_size=16), scale=0.05,
+                     description="seconds: plumbing checks and tests, numbers mean nothing"),
+    "quick": Profile("quick", model=dict(d=16, heads=4, layers=2, mem_layers=2, kt_layers=2),
+                     train=dict(epochs=12, batch_size=32, lr=2e-3), scale=1.0,
+                     description="minutes on a 2-core CPU: smaller width and depth, fewer epochs"),
+    "paper": Profile("paper", model=dict(), train=dict(epochs=40, batch_size=128, lr=1e-3, schedule="constant"),
+                     scale=1.0, description="the paper's Table 5 configuration and 40 epochs; meant for a GPU"),
+}
+
+
+def profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    return PROFILES[name]
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA) in one place."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - seeds the legacy global generator user code may use
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA device is available; use 'auto' or 'cpu'")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """L1 for regression (B, 1); mean cross-entropy over the four binary emotions for IEMOCAP (B, 4, 2)."""
+    if task == "classification":
+        return F.cross_entropy(out.reshape(-1, 2).float(), y.reshape(-1))
+    return F.l1_loss(out.float(), y.float())
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def score(pred: np.ndarray, y: np.ndarray, task: str) -> dict[str, float]:
+    """Every metric of the task: regression metrics on (N,) scores, IEMOCAP metrics on (N, 4, 2) logits."""
+    if task == "classification":
+        return M.iemocap_metrics(pred, y)
+    return M.regression_metrics(pred.reshape(-1), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: KTModel, loader, device: torch.device, amp: bool = False) -> tuple[float, dict, np.ndarray]:
+    """Mean task loss, metrics and predictions over a loader (model in eval mode)."""
+    model.eval()
+    total, count, preds, ys = 0.0, 0, [], []
+    for batch in loader:
+        batch = _to(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            out = model(batch)
+        loss = task_loss(out, batch["y"], model.cfg.task)
+        total += loss.item() * len(batch["y"])
+        count += len(batch["y"])
+        preds.append(out.float().cpu().numpy())
+        ys.append(batch["y"].cpu().numpy())
+    pred, y = np.concatenate(preds), np.concatenate(ys)
+    if not np.isfinite(pred).all():
+        raise FloatingPointError("the model produced NaN/inf predictions; lower the learning rate or check inputs")
+    return total / max(count, 1), score(pred, y, model.cfg.task), pred
+
+
+class CheckpointError(RuntimeError):
+    """A training checkpoint is corrupt, truncated or from another run."""
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Write a checkpoint atomically, with a sha256 beside it so that a damaged file is recognised."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    digest = _digest(tmp)
+    os.replace(tmp, path)
+    sidecar = path.with_name(path.name + ".sha256")
+    sidecar.with_name(sidecar.name + ".tmp").write_text(digest)
+    os.replace(sidecar.with_name(sidecar.name + ".tmp"), sidecar)
+
+
+def load_state(path: Path, map_location="cpu") -> dict:
+    """Read a checkpoint written by :func:`save_state` (``weights_only=True``); refuse a damaged one clearly."""
+    sidecar = path.with_name(path.name + ".sha256")
+    hint = f"delete {path} (and {sidecar.name}) to start that run afresh, or retrain with force=True"
+    if not sidecar.exists():
+        raise CheckpointError(f"{path} has no checksum file {sidecar.name}, so it cannot be trusted; {hint}")
+    if _digest(path) != sidecar.read_text().strip():
+        raise CheckpointError(f"{path} does not match its checksum: it is truncated or corrupt; {hint}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means the file cannot be used
+        raise CheckpointError(f"{path} could not be read ({type(err).__name__}: {err}); {hint}") from err
+
+
+@dataclass
+class FitResult:
+    model: KTModel
+    history: list[dict]  # one row per epoch
+    metrics: dict  # {"valid": {...}, "test": {...}, "best_epoch": int, "seconds": float, "device": str}
+
+
+def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, run_dir: str | Path | None = None,
+        progress: bool = True) -> FitResult:
+    """Train one model; with ``run_dir``, checkpoint every epoch there and resume from it if a run was cut short."""
+    device = pick_device(train_cfg.device)
+    set_seed(train_cfg.seed)
+    model = KTModel(model_cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
+    sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=train_cfg.plateau_patience,
+                                                        factor=train_cfg.plateau_factor)
+             if train_cfg.schedule == "plateau" else None)
+    amp = train_cfg.amp and device.type == "cuda"
+    test_missing = ("a",) if model_cfg.setting in AUDIO_FREE_AT_TEST else ()
+    valid_loader = make_loader(data, "valid", train_cfg.batch_size, shuffle=False, missing=test_missing)
+    test_loader = make_loader(data, "test", train_cfg.batch_size, shuffle=False, missing=test_missing)
+    train_missing = () if model_cfg.setting in ("full", "kt") else ("a",)
+
+    history: list[dict] = []
+    best = {"loss": float("inf"), "epoch": -1, "state": None}
+    start_epoch, seconds = 0, 0.0
+    last_path = Path(run_dir) / "last.pt" if run_dir is not None else None
+    if last_path is not None:
+        last_path.parent.mkdir(parents=True, exist_ok=True)
+        if last_path.exists():
+            state = load_state(last_path, map_location=device)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if sched is not None:
+                sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"].cpu())
+            history, start_epoch, seconds = state["history"], state["epoch"] + 1, state["seconds"]
+            best = {"loss": state["best_loss"], "epoch": state["best_epoch"], "state": state["best_model"]}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start_epoch, train_cfg.epochs), initial=start_epoch, total=train_cfg.epochs,
+               desc=f"{model_cfg.setting} seed {train_cfg.seed}", disable=not progress, leave=False)
+    stale = 0 if best["epoch"] < 0 else len(history) - 1 - best["epoch"]
+    for epoch in bar:
+        t0 = time.perf_counter()
+        model.train()
+        # The shuffling order depends only on (seed, epoch), so a resumed run sees the same batches.
+        loader = make_loader(data, "train", train_cfg.batch_size, shuffle=True, missing=train_missing,
+                             seed=train_cfg.seed * 1000 + epoch)
+        sums = {"loss": 0.0, "task": 0.0, "consistency": 0.0}
+        n = 0
+        for batch in loader:
+            batch = _to(batch, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out, details = model(batch, return_details=True)
+                task = task_loss(out, batch["y"], model_cfg.task)
+                cons = model.consistency_term(details)
+                loss = task + cons
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip)
+            opt.step()
+            b = len(batch["y"])
+            n += b
+            for k, v in (("loss", loss), ("task", task), ("consistency", cons)):
+                sums[k] += v.item() * b
+        valid_loss, valid_metrics, _ = evaluate(model, valid_loader, device, amp)
+        if sched is not None:
+            sched.step(valid_loss)
+        seconds += time.perf_counter() - t0
+        row = {"epoch": epoch, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}, "valid_loss": valid_loss,
+               **{f"valid_{k}": v for k, v in valid_metrics.items()}, "lr": opt.param_groups[0]["lr"],
+               "seconds": seconds}
+        history.append(row)
+        if valid_loss < best["loss"]:
+            best = {"loss": valid_loss, "epoch": epoch,
+                    "state": {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}}
+            stale = 0
+        else:
+            stale += 1
+        key = "valid_mae" if model_cfg.task == "regression" else "valid_mean_acc"
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", valid=f"{valid_loss:.3f}", **{key[6:]: f"{row[key]:.3f}"})
+        if last_path is not None:
+            save_state(last_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                   "scheduler": sched.state_dict() if sched is not None else {},
+                                   "rng": torch.get_rng_state(), "history": history, "epoch": epoch,
+                                   "seconds": seconds, "best_loss": best["loss"], "best_epoch": best["epoch"],
+                                   "best_model": best["state"]})
+        if train_cfg.early_stop and stale >= train_cfg.early_stop:
+            break
+    bar.close()
+
+    model.load_state_dict(best["state"])
+    valid_loss, valid_metrics, _ = evaluate(model, valid_loader, device, amp)
+    test_loss, test_metrics, _ = evaluate(model, test_loader, device, amp)
+    result = {"valid": {"loss": valid_loss, **valid_metrics}, "test": {"loss": test_loss, **test_metrics},
+              "best_epoch": best["epoch"], "epochs_run": len(history), "seconds": seconds, "device": str(device),
+              "synthetic": data.synthetic}
+    return FitResult(model=model.cpu(), history=history, metrics=result)
