@@ -1,0 +1,243 @@
+"""Training and the run store: every setting trains, runs are deterministic, resumable and reused, damaged
+checkpoints are refused, and the command line trains and prints tables."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import ktlib.runs
+import ktlib.train
+from ktlib.__main__ import main
+from ktlib.data import load_simulated
+from ktlib.model import SETTINGS, ModelConfig, load_checkpoint
+from ktlib.runs import Run, compare_with_paper, grid, load_or_train, paper_table, run_id, summarize
+from ktlib.simulate import preset
+from ktlib.train import CheckpointError, TrainConfig, fit, profile
+
+SMOKE = profile("smoke")
+
+
+@pytest.fixture(scope="module")
+def mosi(tmp_path_factory):
+    return load_simulated(preset("mosi", "aligned", scale=0.03), cache_dir=tmp_path_factory.mktemp("sim"))
+
+
+@pytest.fixture(scope="module")
+def iemocap(tmp_path_factory):
+    return load_simulated(preset("iemocap", "aligned", scale=0.02), cache_dir=tmp_path_factory.mktemp("sim"))
+
+
+def _configs(data, setting="kt", epochs=2, seed=1, **train):
+    model_cfg = ModelConfig.for_layout(data.layout, setting=setting, **SMOKE.model)
+    train_cfg = TrainConfig(**{**SMOKE.train, "epochs": epochs, "seed": seed, "device": "cpu", **train})
+    return model_cfg, train_cfg
+
+
+def _without_time(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_smoke_training_of_every_setting_gives_finite_metrics(mosi, setting):
+    result = fit(*_configs(mosi, setting), mosi, progress=False)
+    assert len(result.history) == 2
+    for split in ("valid", "test"):
+        values = result.metrics[split]
+        assert {"mae", "corr", "acc2_non0", "f1_non0", "acc7", "loss"} <= set(values)
+        assert np.isfinite([values[k] for k in ("mae", "acc2_non0", "acc7", "loss")]).all()
+    assert result.metrics["synthetic"] is True
+    consistency = [row["train_consistency"] for row in result.history]
+    assert (np.array(consistency) > 0).all() if setting == "kt" else (np.array(consistency) == 0).all()
+
+
+def test_iemocap_training_scores_every_emotion(iemocap):
+    result = fit(*_configs(iemocap, "kt"), iemocap, progress=False)
+    test = result.metrics["test"]
+    for emotion in ("neutral", "happy", "sad", "angry"):
+        assert 0 <= test[f"{emotion}_acc"] <= 1 and 0 <= test[f"{emotion}_majority_acc"] <= 1
+    assert np.isfinite(test["loss"])
+
+
+def test_same_seed_gives_identical_metrics_on_cpu(mosi):
+    a = fit(*_configs(mosi, "kt", seed=3), mosi, progress=False)
+    b = fit(*_configs(mosi, "kt", seed=3), mosi, progress=False)
+    c = fit(*_configs(mosi, "kt", seed=4), mosi, progress=False)
+    assert a.metrics["test"] == b.metrics["test"]
+    assert _without_time(a.history) == _without_time(b.history)
+    assert a.metrics["test"] != c.metrics["test"]
+
+
+def test_missing_audio_settings_are_validated_and_tested_without_reading_audio(mosi, monkeypatch):
+    class Untouchable:
+        """Stands in for the valid/test audio: any read fails the test."""
+
+        def __init__(self, shape):
+            self.shape = shape
+
+        def __getitem__(self, item):
+            raise AssertionError("audio of the valid/test split was read")
+
+        def __array__(self, *args, **kwargs):
+            raise AssertionError("audio of the valid/test split was read")
+
+    for split in ("valid", "test"):
+        part = mosi[split]
+        monkeypatch.setattr(part, "a", Untouchable(part.a.shape))
+    for setting in ("kt", "language_vision", "vision_only", "language_only"):
+        result = fit(*_configs(mosi, setting, epochs=1), mosi, progress=False)
+        assert np.isfinite(result.metrics["test"]["mae"])
+    with pytest.raises(AssertionError, match="audio of the valid/test split was read"):
+        fit(*_configs(mosi, "full", epochs=1), mosi, progress=False)
+
+
+def test_interrupted_run_resumes_to_the_same_result(mosi, tmp_path, monkeypatch):
+    model_cfg, train_cfg = _configs(mosi, "kt", epochs=3, seed=7)
+    reference = fit(model_cfg, train_cfg, mosi, run_dir=tmp_path / "whole", progress=False)
+
+    # Kill the second run in the middle of its second epoch (after 1.5 epochs of optimiser steps).
+    steps_per_epoch = -(-len(mosi["train"]) // train_cfg.batch_size)
+    calls = {"n": 0}
+    original_step = torch.optim.Adam.step
+
+    class Killed(Exception):
+        pass
+
+    def dying_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > steps_per_epoch + steps_per_epoch // 2:
+            raise Killed("killed mid-epoch")
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", dying_step)
+    with pytest.raises(Killed):
+        fit(model_cfg, train_cfg, mosi, run_dir=tmp_path / "cut", progress=False)
+    monkeypatch.setattr(torch.optim.Adam, "step", original_step)
+    state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert state["epoch"] == 0, "the last checkpoint is the end of the first epoch"
+
+    resumed = fit(model_cfg, train_cfg, mosi, run_dir=tmp_path / "cut", progress=False)
+    assert resumed.metrics["test"] == reference.metrics["test"]
+    assert resumed.metrics["valid"] == reference.metrics["valid"]
+    assert _without_time(resumed.history) == _without_time(reference.history)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "no_checksum"])
+def test_damaged_checkpoint_is_refused_with_a_clear_message(mosi, tmp_path, damage):
+    model_cfg, train_cfg = _configs(mosi, "language_vision", epochs=1)
+    fit(model_cfg, train_cfg, mosi, run_dir=tmp_path, progress=False)
+    last = tmp_path / "last.pt"
+    if damage == "truncate":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "garbage":
+        last.write_bytes(b"not a checkpoint" * 100)
+    else:
+        (tmp_path / "last.pt.sha256").unlink()
+    longer = TrainConfig(**{**train_cfg.__dict__, "epochs": 2})
+    with pytest.raises(CheckpointError, match=r"last\.pt.*(truncated or corrupt|no checksum).*delete"):
+        fit(model_cfg, longer, mosi, run_dir=tmp_path, progress=False)
+
+
+def test_load_or_train_writes_the_run_folder_and_reuses_it(mosi, tmp_path, monkeypatch):
+    model_cfg, train_cfg = _configs(mosi, "kt")
+    run = load_or_train(model_cfg, train_cfg, mosi, runs_dir=tmp_path, progress=False)
+    assert run.id == run_id(model_cfg, train_cfg, mosi) and run.id.startswith("mosi_aligned-kt-seed1-")
+    names = {p.name for p in run.dir.iterdir()}
+    assert {"config.json", "metrics.json", "history.csv", "model.pt", "environment.json"} <= names
+    assert "last.pt" not in names
+    config = json.loads((run.dir / "config.json").read_text())
+    assert config["model"]["setting"] == "kt" and config["data"]["synthetic"] is True
+    assert len(pd.read_csv(run.dir / "history.csv")) == train_cfg.epochs
+    env = json.loads((run.dir / "environment.json").read_text())
+    assert env["torch"] == torch.__version__
+    model, payload = load_checkpoint(run.dir / "model.pt")  # weights_only=True inside
+    assert payload["metrics"]["test"] == run.metrics["test"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ktlib.runs, "fit", no_training)
+    again = load_or_train(model_cfg, train_cfg, mosi, runs_dir=tmp_path, progress=False)
+    assert again.metrics == run.metrics
+    monkeypatch.undo()
+    forced = load_or_train(model_cfg, train_cfg, mosi, runs_dir=tmp_path, force=True, progress=False)
+    assert forced.metrics["test"] == run.metrics["test"]  # retrained, same seed, same numbers
+
+
+def test_loaded_best_model_reproduces_its_test_metrics(mosi, tmp_path):
+    model_cfg, train_cfg = _configs(mosi, "kt")
+    run = load_or_train(model_cfg, train_cfg, mosi, runs_dir=tmp_path, progress=False)
+    model = run.load_model()
+    loss, metrics, _ = ktlib.train.evaluate(model, ktlib.data.make_loader(mosi, "test", 16, missing=("a",)),
+                                            torch.device("cpu"))
+    assert metrics["mae"] == pytest.approx(run.metrics["test"]["mae"], abs=1e-6)
+
+
+def test_grid_summary_and_paper_comparison(mosi, tmp_path):
+    tidy = grid(mosi, ["language_vision", "kt"], [1, 2], "smoke", runs_dir=tmp_path, progress=False)
+    assert set(tidy["setting"]) == {"language_vision", "kt"} and set(tidy["seed"]) == {1, 2}
+    summary = summarize(tidy)
+    cell = summary[(summary.setting == "kt") & (summary.split == "test") & (summary.metric == "mae")]
+    values = tidy[(tidy.setting == "kt") & (tidy.split == "test") & (tidy.metric == "mae")]["value"].to_numpy()
+    assert cell["mean"].item() == pytest.approx(values.mean())
+    assert cell["std"].item() == pytest.approx(values.std())  # population std, as MMSA reports
+    assert cell["n"].item() == 2
+    table = compare_with_paper(summary)
+    kt = table[table.setting == "kt"].iloc[0]
+    assert kt["MAE (paper)"] == pytest.approx(0.858) and kt["Acc2 (paper)"] == pytest.approx(82.3)
+    assert kt["data"] == "synthetic (simulator)"
+    assert " ± " in kt["MAE"]
+
+
+def test_hand_made_summary():
+    tidy = pd.DataFrame({"dataset": "mosi", "alignment": "aligned", "data": "real", "setting": "kt",
+                         "variant": "default", "seed": [1, 2, 3], "split": "test", "metric": "mae",
+                         "value": [0.8, 0.9, 1.0], "run": ["a", "b", "c"]})
+    row = summarize(tidy).iloc[0]
+    assert row["mean"] == pytest.approx(0.9)
+    assert row["std"] == pytest.approx(np.sqrt(((0.1**2) * 2) / 3))  # population std: sqrt(0.02 / 3)
+
+
+def test_paper_table_holds_the_published_rows():
+    table = paper_table("mosi", "aligned")
+    kt = table[(table.method == "ours") & (table.setting == "kt")].iloc[0]
+    assert (kt.Acc7, kt.Acc2, kt.F1, kt.MAE, kt.Corr) == (39.1, 82.3, 82.2, 0.858, 0.691)
+    assert len(paper_table("iemocap", "unaligned")) == 7
+
+
+def test_bad_training_options_fail_clearly():
+    with pytest.raises(ValueError, match="schedule must be 'plateau' or 'constant'"):
+        TrainConfig(schedule="cosine")
+    with pytest.raises(ValueError, match="unknown profile 'fast'"):
+        profile("fast")
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        TrainConfig(lr=float("nan"))
+
+
+def test_cli_train_prints_metrics_and_reuses_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KTLIB_DATA_DIR", str(tmp_path / "data"))
+    args = ["train", "--dataset", "mosi", "--setting", "kt", "--profile", "smoke", "--seed", "1",
+            "--runs-dir", str(tmp_path / "runs"), "--quiet", "--scale", "0.03"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[synthetic (simulator)]" in out and "mae" in out and "acc2_non0" in out
+    assert main(args) == 0  # second time: loaded from the store
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+    assert main(["table", "--runs-dir", str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out
+    assert "MAE (paper)" in table and "kt" in table
+
+
+def test_cli_grid_prints_the_side_by_side_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KTLIB_DATA_DIR", str(tmp_path / "data"))
+    assert main(["grid", "--settings", "language_vision", "kt", "--seeds", "1", "--profile", "smoke",
+                 "--runs-dir", str(tmp_path / "runs"), "--quiet", "--scale", "0.03"]) == 0
+    out = capsys.readouterr().out
+    assert "mean ± std over seeds" in out and "Acc2 (paper)" in out and "language_vision" in out
+
+
+def test_run_load_refuses_an_unfinished_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a finished run"):
+        Run.load(tmp_path)
