@@ -36,8 +36,8 @@ The consistency losses compare frames where the real audio is not padding; f'_A 
 
 The consistency target f_A (``kt_target``)
   ``frozen``  (default) f_A comes from the audio encoder with its gradient stopped: the reconstruction chases a
-              fixed representation of the audio (random at initialisation, or loaded from a trained ``full``
-              model with :meth:`KTModel.load_audio_encoder`).  Without the stop, nothing but the consistency loss
+              fixed representation of the audio (random at initialisation, or taken from a trained model with
+              :meth:`KTModel.load_audio_encoder`).  Without the stop, nothing but the consistency loss
               trains the audio encoder, and it can shrink f_A towards whatever is easiest to predict.
   ``trained`` eq. 6 read literally: the consistency gradient also reaches the audio encoder.
 """
@@ -249,13 +249,32 @@ def causal_mask(t: int, s: int, device=None) -> torch.Tensor:
     return (j + 1) * t > (i + 1) * s  # (j+1)/S > (i+1)/T without rounding
 
 
+def causal_mask_from_padding(query_pad: torch.Tensor, key_pad: torch.Tensor) -> torch.Tensor:
+    """(B, T, S) bool, True where a real query step may not see a key: the key lies later in the utterance.
+
+    For front-padded sequences (real frames at the end) every sample's real frames span the same utterance, so
+    query i of n_t real steps sees key j of n_s real steps when ``(j + 1) / n_s <= (i + 1) / n_t``.  This is
+    :func:`causal_mask` applied to each sample's real frames: unaligned streams of different lengths and padding
+    stay in step.  Padding queries get no causal constraint (their output is padding).
+    """
+    t, s = query_pad.shape[1], key_pad.shape[1]
+    n_t = (~query_pad).sum(1, keepdim=True)  # (B, 1) real query steps
+    n_s = (~key_pad).sum(1, keepdim=True)  # (B, 1) real keys
+    p_t = torch.arange(t, device=query_pad.device)[None, :] - (t - n_t)  # (B, T) index among real steps; < 0 padding
+    p_s = torch.arange(s, device=key_pad.device)[None, :] - (s - n_s)  # (B, S)
+    later = (p_s[:, None, :] + 1) * n_t[:, :, None] > (p_t[:, :, None] + 1) * n_s[:, :, None]  # (B, T, S)
+    return later & (p_t >= 0)[:, :, None]
+
+
 class CrossModalAttention(nn.Module):
     """Eq. 3: ``CM_{m -> m'} = softmax(Q K^T / sqrt(d_k)) V`` with ``Q = X_{m'} W_Q``, ``K = X_m W_K``, ``V = X_m W_V``.
 
     Multi-head; parameters laid out as ``torch.nn.MultiheadAttention`` (``in_proj_weight`` (3d, d), ``out_proj``),
     so the two can share weights.  Uses PyTorch's fused ``scaled_dot_product_attention`` unless the attention
     weights are asked for.  Masks: ``key_padding_mask`` (B, S) and ``attn_mask`` (T, S), True where attention is
-    not allowed (PyTorch's boolean convention for MultiheadAttention).
+    not allowed (PyTorch's boolean convention for MultiheadAttention); ``attn_mask`` may also be per sample
+    (B, T, S).  A query that may see no key at all (its source is absent or entirely in its future) gets a zero
+    attention result, so the residual of eq. 4 leaves it as it was.
     """
 
     def __init__(self, d: int, heads: int, dropout: float = 0.0):
@@ -281,11 +300,12 @@ class CrossModalAttention(nn.Module):
         if key_padding_mask is not None:
             blocked = key_padding_mask[:, None, None, :].expand(b, 1, t, s)
         if attn_mask is not None:
-            blocked = attn_mask[None, None] if blocked is None else blocked | attn_mask[None, None]
+            am = attn_mask[None, None] if attn_mask.dim() == 2 else attn_mask[:, None]  # (1|B, 1, T, S)
+            blocked = am if blocked is None else blocked | am
+        empty = None
         if blocked is not None:
-            # A query that may see nothing (e.g. a padding step under the causal mask) sees everything instead;
-            # its output is padding and is never used, but must not be NaN.
-            blocked = blocked & ~blocked.all(-1, keepdim=True)
+            empty = blocked.all(-1, keepdim=True)  # (B, 1, T, 1) queries that may see nothing
+            blocked = blocked & ~empty  # computed over every key (no NaN), then zeroed below
         p = self.dropout if self.training else 0.0
 
         if not need_weights:
@@ -297,7 +317,11 @@ class CrossModalAttention(nn.Module):
             if blocked is not None:
                 scores = scores.masked_fill(blocked, float("-inf"))
             weights = scores.softmax(-1)
+            if empty is not None:
+                weights = weights.masked_fill(empty, 0.0)
             out = F.dropout(weights, p, self.training) @ v
+        if empty is not None:
+            out = out.masked_fill(empty, 0.0)
         out = out.transpose(1, 2).reshape(b, t, d)  # (B, T, d)
         return self.out_proj(out), weights
 
@@ -350,7 +374,12 @@ class TransformerEncoder(nn.Module):
         else:
             source_mask = x_mask
         s = x.shape[1] if source is None else source.shape[1]
-        attn_mask = causal_mask(x.shape[1], s, x.device) if self.causal else None
+        attn_mask = None
+        if self.causal:  # per sample on real frames when both paddings are known, else by position
+            if x_mask is not None and source_mask is not None:
+                attn_mask = causal_mask_from_padding(x_mask, source_mask)  # (B, T, S)
+            else:
+                attn_mask = causal_mask(x.shape[1], s, x.device)  # (T, S)
         weights = []
         for layer in self.layers:
             x, w = layer(x, source, source_mask, attn_mask, need_weights)
@@ -476,7 +505,8 @@ class MulTBackbone(nn.Module):
                 if tt != t:
                     continue
                 name = f"trans_{t}_with_{s}"
-                h, w = self.cross[name](seqs[t], source=seqs[s], source_mask=masks[s], need_weights=need_weights)
+                h, w = self.cross[name](seqs[t], source=seqs[s], source_mask=masks[s], x_mask=masks[t],
+                                        need_weights=need_weights)
                 streams.append(h)  # (B, T_t, d)  (s) -> t
                 weights[name] = w
             h = torch.cat(streams, -1) if streams else seqs[t]  # (B, T_t, n_src * d)
@@ -552,8 +582,15 @@ class KTModel(nn.Module):
         return self.cfg.lambda1 * details["loss_va"] + self.cfg.lambda2 * details["loss_la"]
 
     def load_audio_encoder(self, other: KTModel) -> None:
-        """Copy the audio projection of a trained model (e.g. ``full``) as the source of the consistency target."""
+        """Take the audio side of the consistency target from a trained model.
+
+        Copies the audio projection (every setting with audio has one) and, when ``other`` is a ``kt`` model, its
+        audio encoder.  From a ``full`` model with ``kt_encoder_layers=0``, f_A is exactly the projected audio
+        that model learned to use; with encoder layers, those layers keep their own (frozen) weights.
+        """
         self.proj["a"].load_state_dict(other.proj["a"].state_dict())
+        if self.kt is not None and other.kt is not None:
+            self.kt.enc_a.load_state_dict(other.kt.enc_a.state_dict())
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -578,8 +615,8 @@ def save_checkpoint(path, model: KTModel, metrics: dict | None = None, extra: di
 
 
 def load_checkpoint(path, map_location="cpu") -> tuple[KTModel, dict]:
-    """Rebuild the model from a checkpoint with ``torch.load(weights_only=True)``; returns (model, payload)."""
+    """Rebuild the model (in eval mode) from a checkpoint read with ``torch.load(weights_only=True)``."""
     payload = torch.load(path, map_location=map_location, weights_only=True)
     model = KTModel(ModelConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
-    return model, payload
+    return model.eval(), payload
