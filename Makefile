@@ -16,11 +16,12 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup reproduce test lint lab clean distclean
+.PHONY: help setup reproduce test bench lint lab clean distclean
 
 help:
 	@echo "make reproduce   run the workbook's main job on the built-in (simulated) data"
 	@echo "make test        run the test suite"
+	@echo "make bench       time and memory of every setting and attention path on this device"
 	@echo "make lab         open JupyterLab with the project's kernel"
 	@echo "make lint        ruff on code and notebooks"
 	@echo "make clean       remove caches, runs and generated figures (keeps .venv and data)"
@@ -43,6 +44,9 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check ktlib tests
 	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) -m ktlib.bench
 
 lint: $(STAMP)
 	$(PY) -m ruff check ktlib tests notebooks

@@ -92,6 +92,9 @@ class ModelConfig:
     relu_dropout: float = 0.1  # inside the feed-forward sublayer
     res_dropout: float = 0.1  # on each sublayer's output before the residual sum
     out_dropout: float = 0.1  # inside the residual MLP head
+    attn_impl: str = "fused"  # fused: PyTorch's scaled_dot_product_attention | reference: explicit softmax(QK^T)V
+    attn_dropout_on: str = "weights"  # weights: zero attention weights after the softmax (MulT) | keys: drop whole
+    #                                    keys per sample and head before the softmax (far fewer random numbers)
     # knowledge transfer (used by setting "kt")
     kt_encoder_layers: int = 1  # depth of the modality encoders giving f_L, f_V, f_A
     kt_layers: int = 3  # depth of theta, phi and delta (the paper: transformer blocks of 3 layers)
@@ -119,6 +122,9 @@ class ModelConfig:
             (self.kt_concat in ("feature", "time"), f"kt_concat must be feature or time, got {self.kt_concat!r}"),
             (self.kt_target in ("frozen", "trained"), f"kt_target must be frozen or trained, got {self.kt_target!r}"),
             (self.consistency in ("l1", "l2"), f"consistency must be l1 or l2, got {self.consistency!r}"),
+            (self.attn_impl in ("fused", "reference"), f"attn_impl must be fused or reference, got {self.attn_impl!r}"),
+            (self.attn_dropout_on in ("weights", "keys"), f"attn_dropout_on must be weights or keys, got "
+                                                          f"{self.attn_dropout_on!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -277,9 +283,10 @@ class CrossModalAttention(nn.Module):
     attention result, so the residual of eq. 4 leaves it as it was.
     """
 
-    def __init__(self, d: int, heads: int, dropout: float = 0.0):
+    def __init__(self, d: int, heads: int, dropout: float = 0.0, impl: str = "fused", dropout_on: str = "weights"):
         super().__init__()
         self.d, self.heads, self.dropout = d, heads, dropout
+        self.impl, self.dropout_on = impl, dropout_on
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * d))
         self.out_proj = nn.Linear(d, d)
@@ -302,13 +309,17 @@ class CrossModalAttention(nn.Module):
         if attn_mask is not None:
             am = attn_mask[None, None] if attn_mask.dim() == 2 else attn_mask[:, None]  # (1|B, 1, T, S)
             blocked = am if blocked is None else blocked | am
+        p = self.dropout if self.training else 0.0
+        if p > 0 and self.dropout_on == "keys":  # drop whole keys per sample and head: (B, H, 1, S) draws
+            dropped = torch.rand(b, self.heads, 1, s, device=query.device) < p
+            blocked = dropped if blocked is None else blocked | dropped
+            p = 0.0
         empty = None
         if blocked is not None:
-            empty = blocked.all(-1, keepdim=True)  # (B, 1, T, 1) queries that may see nothing
+            empty = blocked.all(-1, keepdim=True)  # (B, 1|H, T, 1) queries that may see nothing
             blocked = blocked & ~empty  # computed over every key (no NaN), then zeroed below
-        p = self.dropout if self.training else 0.0
 
-        if not need_weights:
+        if not need_weights and self.impl == "fused":
             allowed = None if blocked is None else ~blocked
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # (B, H, T, d_k)
             weights = None
@@ -323,15 +334,16 @@ class CrossModalAttention(nn.Module):
         if empty is not None:
             out = out.masked_fill(empty, 0.0)
         out = out.transpose(1, 2).reshape(b, t, d)  # (B, T, d)
-        return self.out_proj(out), weights
+        return self.out_proj(out), (weights if need_weights else None)
 
 
 class TransformerLayer(nn.Module):
     """Eq. 4 as a pre-LayerNorm block: ``m' = m' + Z``, ``Z = CM(LN(m'), LN(m))``, then ``m' = m' + FFN(LN(m'))``."""
 
-    def __init__(self, d: int, heads: int, attn_dropout: float, relu_dropout: float, res_dropout: float):
+    def __init__(self, d: int, heads: int, attn_dropout: float, relu_dropout: float, res_dropout: float,
+                 attn_impl: str = "fused", attn_dropout_on: str = "weights"):
         super().__init__()
-        self.attn = CrossModalAttention(d, heads, attn_dropout)
+        self.attn = CrossModalAttention(d, heads, attn_dropout, attn_impl, attn_dropout_on)
         self.norm_attn = nn.LayerNorm(d)  # shared by target and source, as in MulT
         self.norm_ffn = nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Dropout(relu_dropout), nn.Linear(4 * d, d))
@@ -354,13 +366,15 @@ class TransformerEncoder(nn.Module):
     """
 
     def __init__(self, d: int, heads: int, layers: int, attn_dropout: float = 0.0, relu_dropout: float = 0.0,
-                 res_dropout: float = 0.0, embed_dropout: float = 0.0, causal: bool = False):
+                 res_dropout: float = 0.0, embed_dropout: float = 0.0, causal: bool = False,
+                 attn_impl: str = "fused", attn_dropout_on: str = "weights"):
         super().__init__()
         self.scale, self.causal = math.sqrt(d), causal
         self.positions = SinusoidalPositions(d)
         self.embed_dropout = nn.Dropout(embed_dropout)
         self.layers = nn.ModuleList(
-            TransformerLayer(d, heads, attn_dropout, relu_dropout, res_dropout) for _ in range(layers))
+            TransformerLayer(d, heads, attn_dropout, relu_dropout, res_dropout, attn_impl, attn_dropout_on)
+            for _ in range(layers))
         self.norm = nn.LayerNorm(d)
 
     def _embed(self, x):
@@ -410,7 +424,8 @@ class KnowledgeTransfer(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, h = cfg.d, cfg.heads
-        drop = dict(relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout, embed_dropout=cfg.embed_dropout)
+        drop = dict(relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout, embed_dropout=cfg.embed_dropout,
+                    attn_impl=cfg.attn_impl, attn_dropout_on=cfg.attn_dropout_on)
 
         def encoder(m):  # modality encoder giving f_m (identity when kt_encoder_layers == 0)
             if cfg.kt_encoder_layers == 0:
@@ -479,7 +494,8 @@ class MulTBackbone(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d
-        drop = dict(relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout, embed_dropout=cfg.embed_dropout)
+        drop = dict(relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout, embed_dropout=cfg.embed_dropout,
+                    attn_impl=cfg.attn_impl, attn_dropout_on=cfg.attn_dropout_on)
         self.pairs = [(t, s) for t in cfg.kept_targets for s in cfg.inputs if s != t]  # (source) -> target
         self.cross = nn.ModuleDict({
             f"trans_{t}_with_{s}": TransformerEncoder(d, cfg.heads, cfg.layers, attn_dropout=cfg.attn_dropout[t],

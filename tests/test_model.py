@@ -898,3 +898,37 @@ def test_load_audio_encoder_copies_the_audio_projection():
     kt.load_audio_encoder(full)
     assert torch.equal(kt.proj["a"].conv.weight, full.proj["a"].conv.weight)
     assert kt.proj["a"].conv.weight.data_ptr() != full.proj["a"].conv.weight.data_ptr()  # a copy, not shared
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention paths: the reference path and key dropout
+
+
+def test_reference_and_fused_paths_agree_in_eval():
+    cfg = short_config("unaligned", setting="kt")
+    fused = build(cfg).eval()
+    reference = KTModel(ModelConfig.from_dict({**cfg.to_dict(), "attn_impl": "reference"})).eval()
+    reference.load_state_dict(fused.state_dict())
+    batch = synth_batch(cfg)
+    with torch.no_grad():
+        assert torch.allclose(fused(batch), reference(batch), atol=1e-5)
+
+
+def test_key_dropout_removes_whole_keys_and_renormalises():
+    torch.manual_seed(0)
+    att = CrossModalAttention(8, 2, dropout=0.5, dropout_on="keys").train()
+    query, source = torch.randn(3, 5, 8), torch.randn(3, 6, 8)
+    _, w = att(query, source, need_weights=True)  # (B, H, T, S)
+    dropped = (w == 0).all(2)  # (B, H, S): a key dropped for a sample and head is dropped for every query
+    assert dropped.any() and not dropped.all()
+    assert ((w == 0) == dropped[:, :, None, :]).all(), "zeros come only from whole dropped keys"
+    assert torch.allclose(w.sum(-1), torch.ones(3, 2, 5)), "the remaining keys are renormalised by the softmax"
+    att.eval()
+    _, w_eval = att(query, source, need_weights=True)
+    assert (w_eval > 0).all()
+
+
+@pytest.mark.parametrize(("field", "value"), [("attn_impl", "flash"), ("attn_dropout_on", "rows")])
+def test_attention_options_are_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{field: value})
