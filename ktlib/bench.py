@@ -7,8 +7,10 @@ MOSI configuration (d=40, 4 layers, 10 heads, batch 24, dropouts on) with three 
 - ``fused``: PyTorch's ``scaled_dot_product_attention`` with the same dropout on the weights;
 - ``fused+keydrop``: the fused kernel with attention dropout applied to whole keys per sample and head.
 
-Each measurement runs in a fresh process, so its peak memory is its own (CUDA: ``max_memory_allocated``;
-CPU: growth of the process's peak resident set during the steps).  Figures are printed, never asserted.
+Each measurement (setting x path x train/eval) runs in a fresh process, so its peak memory is its own (CUDA:
+``max_memory_allocated``; CPU: growth of the process's peak resident set from just before the first step).
+Figures are printed, never asserted.  On a 2-core CPU the whole run takes about 12 minutes, most of it in the
+reference path on unaligned shapes; ``--alignments aligned`` or ``--variants fused`` make it shorter.
 """
 
 from __future__ import annotations
@@ -49,8 +51,13 @@ def synthetic_batch(cfg, batch_size: int, seed: int = 0):
     return batch
 
 
-def measure(alignment: str, setting: str, variant: str, batch_size: int, steps: int, device: str) -> dict:
-    """Seconds per train and eval step (median of ``steps`` after one warm-up), samples/s, peak memory."""
+def measure(alignment: str, setting: str, variant: str, batch_size: int, steps: int, device: str,
+            mode: str) -> dict:
+    """Seconds per ``mode`` (train | eval) step, median of ``steps`` after one warm-up; samples/s; peak memory.
+
+    Peak memory: CUDA ``max_memory_allocated``; on the CPU the growth of the process's peak resident set from just
+    before the warm-up, so call it in a fresh process (:func:`run_isolated`) for one mode at a time.
+    """
     import torch
 
     from .model import KTModel, ModelConfig
@@ -81,12 +88,12 @@ def measure(alignment: str, setting: str, variant: str, batch_size: int, steps: 
             model(batch)
 
     result = {"alignment": alignment, "setting": setting, "variant": variant, "device": str(dev)}
-    for name, step in (("train", train_step), ("eval", eval_step)):
+    for name, step in ((mode, train_step if mode == "train" else eval_step),):
+        base = _rss_mb()
         step()  # warm-up
         sync()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        base = _rss_mb()
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -138,7 +145,10 @@ def main(argv=None) -> int:
     for alignment in args.alignments:
         for setting in args.settings:
             for variant in args.variants:
-                row = run_isolated(alignment, setting, variant, args.batch_size, args.steps, args.device)
+                row = {}
+                for mode in ("train", "eval"):
+                    row.update(run_isolated(alignment, setting, variant, args.batch_size, args.steps, args.device,
+                                            mode))
                 rows.append(row)
                 print(f"  {alignment:9s} {setting:16s} {variant:14s} train {row['train_s']:7.3f} s/batch  "
                       f"eval {row['eval_s']:7.3f} s/batch  peak {row['train_peak_mb']:8.1f} MB", flush=True)
