@@ -8,6 +8,8 @@ VENV ?= .venv
 # satisfied; override with e.g. TORCH_SPEC="torch==2.13.0 --index-url ..." for a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
+PROFILE ?= quick
+
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ktlib-installed
 
@@ -19,7 +21,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: help setup reproduce test bench lint lab clean distclean
 
 help:
-	@echo "make reproduce   run the workbook's main job on the built-in (simulated) data"
+	@echo "make reproduce   run every notebook in order on the built-in (simulated) data (PROFILE=quick|smoke|paper)"
 	@echo "make test        run the test suite"
 	@echo "make bench       time and memory of every setting and attention path on this device"
 	@echo "make lab         open JupyterLab with the project's kernel"
@@ -39,7 +41,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 reproduce: $(STAMP)
-	$(PY) -m ktlib reproduce
+	$(PY) -m ktlib reproduce --profile $(PROFILE)
 
 test: $(STAMP)
 	$(PY) -m ruff check ktlib tests

@@ -1,0 +1,62 @@
+"""What every notebook does first: check its papermill parameters and load its data.
+
+A notebook's ``parameters`` cell holds flat typed values; the next cell calls :func:`setup`, which validates them
+with messages that say what is wrong and what is allowed, loads the data (real MulT file when present and asked
+for, the simulator otherwise), sets the plotting theme and returns everything in one object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data import MultimodalData, get_data
+from .specs import ALIGNMENTS, DATASETS
+from .train import PROFILES, Profile, profile
+
+
+@dataclass
+class Workbook:
+    dataset: str
+    alignment: str
+    profile: Profile
+    seeds: list[int]
+    data: MultimodalData
+    figures: Path
+
+    @property
+    def label(self) -> str:
+        """A label for titles and tables: dataset, alignment and whether the data is synthetic."""
+        return f"{self.data.layout.name} [{self.data.kind}]"
+
+
+def setup(dataset: str = "mosi", alignment: str = "aligned", profile_name: str = "quick", seeds: int = 3,
+          data_path: str = "", source: str = "auto", scale: float = 0.0, figures_dir: str = "figures",
+          audio_predictability: float = -1.0) -> Workbook:
+    """Validate notebook parameters and load the data.  ``scale=0`` and ``audio_predictability<0`` mean defaults."""
+    problems = []
+    if dataset not in DATASETS:
+        problems.append(f"dataset={dataset!r}: choose one of {DATASETS}")
+    if alignment not in ALIGNMENTS:
+        problems.append(f"alignment={alignment!r}: choose one of {ALIGNMENTS}")
+    if profile_name not in PROFILES:
+        problems.append(f"profile={profile_name!r}: choose one of {tuple(PROFILES)}")
+    if not (isinstance(seeds, int) and 1 <= seeds <= 20):
+        problems.append(f"seeds={seeds!r}: the number of training seeds, an integer from 1 to 20")
+    if source not in ("auto", "real", "simulated"):
+        problems.append(f"source={source!r}: choose auto, real or simulated")
+    if not 0.0 <= scale <= 1.0:
+        problems.append(f"scale={scale!r}: a fraction of the published split sizes in (0, 1], or 0 for the profile's")
+    if audio_predictability > 1.0:
+        problems.append(f"audio_predictability={audio_predictability!r}: in [0, 1], or negative for the default")
+    if problems:
+        raise ValueError("notebook parameters out of range:\n  - " + "\n  - ".join(problems))
+    prof = profile(profile_name)
+    knobs = {"scale": scale or prof.scale}
+    if audio_predictability >= 0:
+        knobs["audio_predictability"] = audio_predictability
+    data = get_data(dataset, alignment, source=source, data_dir=data_path or None, **knobs)
+    from .plots import set_theme
+
+    set_theme()
+    return Workbook(dataset, alignment, prof, list(range(1, seeds + 1)), data, Path(figures_dir))
