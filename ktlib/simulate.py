@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -141,7 +141,6 @@ class Simulation:
     truth: dict[str, dict[str, np.ndarray]]  # {split: {sentiment, arousal, ..., oracle}}
     ceiling: dict[str, dict[str, float]]  # {split: metrics of the oracle}
     seconds: float = 0.0  # generation time
-    notes: dict = field(default_factory=dict)
 
 
 def simulate(config: SimConfig) -> Simulation:
