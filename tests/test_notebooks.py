@@ -65,3 +65,22 @@ def test_out_of_range_parameter_stops_with_a_clear_message(sandbox):
     with pytest.raises(pm.PapermillExecutionError, match="profile='fast': choose one of"):
         pm.execute_notebook(str(path), str(sandbox / "bad.ipynb"), parameters={"profile": "fast"},
                             kernel_name="python3", cwd=str(path.parent), progress_bar=False)
+
+
+def test_setup_lists_every_bad_parameter_at_once(sandbox):
+    from ktlib.workbook import setup
+
+    with pytest.raises(ValueError) as err:
+        setup(dataset="cmu", alignment="sideways", profile_name="quick", seeds=0, scale=2.0)
+    message = str(err.value)
+    for part in ("dataset='cmu'", "alignment='sideways'", "seeds=0", "scale=2.0"):
+        assert part in message
+
+
+def test_setup_loads_the_simulator_with_the_profiles_scale(sandbox):
+    from ktlib.workbook import setup
+
+    wb = setup(dataset="iemocap", alignment="unaligned", profile_name="smoke", seeds=2, source="simulated",
+               figures_dir=str(sandbox / "figs"))
+    assert wb.seeds == [1, 2] and wb.data.synthetic and wb.data.sim_config.scale == 0.05
+    assert wb.label == "iemocap_unaligned [synthetic (simulator)]"
