@@ -40,27 +40,7 @@ def _print_data(data) -> None:
     print(data.describe())
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 3):
         print(data.summary().to_string(index=False))
-    print(label_summary(data))
-
-
-def label_summary(data) -> str:
-    """One line per split on the labels: distribution for regression, class shares for IEMOCAP."""
-    import numpy as np
-
-    from .specs import EMOTIONS
-
-    lines = []
-    for split, d in data.splits.items():
-        if data.task == "classification":
-            shares = d.labels[:, :, 1].mean(0)
-            text = ", ".join(f"{e} {s:.1%}" for e, s in zip(EMOTIONS, shares, strict=True))
-        else:
-            y = d.labels.reshape(-1)
-            hist = np.bincount((np.round(np.clip(y, -3, 3)) + 3).astype(int), minlength=7) / len(y)
-            text = (f"mean {y.mean():+.2f}, std {y.std():.2f}, positive {np.mean(y > 0):.1%}, zero "
-                    f"{np.mean(y == 0):.1%}; 7-class shares (-3..3) " + " ".join(f"{h:.2f}" for h in hist))
-        lines.append(f"labels {split:5s} [{data.kind}]: {text}")
-    return "\n".join(lines)
+    print(data.label_summary())
 
 
 def cmd_data(args) -> int:

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .simulate import VERSION as SIMULATOR_VERSION
 from .simulate import SimConfig, Simulation, simulate
-from .specs import FILE_KEYS, MODALITIES, MODALITY_NAMES, SPLITS, Layout, get_layout, layout_for_filename
+from .specs import EMOTIONS, FILE_KEYS, MODALITIES, MODALITY_NAMES, SPLITS, Layout, get_layout, layout_for_filename
 
 # --------------------------------------------------------------------------------------------------------------
 # Errors
@@ -234,6 +234,21 @@ class MultimodalData:
                 })
         return pd.DataFrame(rows)
 
+    def label_summary(self) -> str:
+        """One line per split: label distribution (regression) or emotion shares (IEMOCAP)."""
+        lines = []
+        for split, d in self.splits.items():
+            if self.task == "classification":
+                shares = d.labels[:, :, 1].mean(0)
+                text = ", ".join(f"{e} {s:.1%}" for e, s in zip(EMOTIONS, shares, strict=True))
+            else:
+                y = d.labels.reshape(-1)
+                hist = np.bincount((np.round(np.clip(y, -3, 3)) + 3).astype(int), minlength=7) / len(y)
+                text = (f"mean {y.mean():+.2f}, std {y.std():.2f}, positive {np.mean(y > 0):.1%}, zero "
+                        f"{np.mean(y == 0):.1%}; 7-class shares (-3..3) " + " ".join(f"{h:.2f}" for h in hist))
+            lines.append(f"labels {split:5s} [{self.kind}]: {text}")
+        return "\n".join(lines)
+
     def describe(self) -> str:
         """A few lines saying what this data is."""
         sizes = " / ".join(f"{s} {len(d)}" for s, d in self.splits.items())
@@ -262,8 +277,11 @@ def _fail(source: str, where: str, problem: str) -> DataFileError:
     )
 
 
-def validate_raw(raw: object, layout: Layout | None, source: str) -> tuple[dict[str, SplitData], dict[str, int]]:
+def validate_raw(raw: object, layout: Layout | None, source: str,
+                 copy: bool = True) -> tuple[dict[str, SplitData], dict[str, int]]:
     """Check a MulT-layout dict; return clean splits and counts of replaced non-finite values.
+
+    ``copy=False`` cleans the arrays in place (for a dict just read from a file: no second copy of a large file).
 
     Raises :class:`DataFileError` naming the file, split, key, expected and found shapes.  NaN and +-inf in
     features become 0 and are counted (a :class:`NonFiniteValuesWarning` says so); non-finite labels are an error.
@@ -324,7 +342,7 @@ def validate_raw(raw: object, layout: Layout | None, source: str) -> tuple[dict[
                                                f"found {x.shape}")
             elif widths.setdefault(m, x.shape[2]) != x.shape[2]:
                 raise _fail(source, where, f"feature width {x.shape[2]} differs from {widths[m]} in an earlier split")
-            x = np.array(x, dtype=np.float32)  # own copy: the cleaning below must not alter the caller's array
+            x = np.array(x, dtype=np.float32) if copy else np.asarray(x, dtype=np.float32)  # asarray: no copy
             bad = ~np.isfinite(x)
             if bad.any():
                 nonfinite[f"{split}/{key}"] = int(bad.sum())
@@ -371,7 +389,7 @@ def load_mult_file(path: str | Path, layout: Layout | str | None = None) -> Mult
         hint = f" It is {layout.description}, about {layout.size_mb:g} MB." if layout else ""
         raise DataFileNotFound(f"{path} does not exist.{hint} Where to get data files: data/README.md.")
     raw = read_pickle_safely(path)
-    splits, nonfinite = validate_raw(raw, layout, str(path))
+    splits, nonfinite = validate_raw(raw, layout, str(path), copy=False)
     if layout is None:
         first = splits["train"]
         layout = Layout(
