@@ -208,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import PROFILES
 
     def add_run_options(p, settings_many: bool):
-        p.add_argument("--dataset", choices=DATASETS, default="mosi", help="which corpus (default mosi)")
+        p.add_argument("--dataset", choices=(*DATASETS, "mosi_utterance"), default="mosi",
+                       help="which corpus (default mosi); mosi_utterance: the real utterance-level MOSI file "
+                            "(with --source real --data-path FOLDER)")
         p.add_argument("--alignment", choices=ALIGNMENTS, default="aligned", help="word-aligned or unaligned")
         if settings_many:
             p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS),

@@ -39,7 +39,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from .simulate import VERSION as SIMULATOR_VERSION
 from .simulate import SimConfig, Simulation, simulate
-from .specs import EMOTIONS, FILE_KEYS, MODALITIES, MODALITY_NAMES, SPLITS, Layout, get_layout, layout_for_filename
+from .specs import (
+    EMOTIONS,
+    FILE_KEYS,
+    MODALITIES,
+    MODALITY_NAMES,
+    MOSI_UTTERANCE,
+    SPLITS,
+    Layout,
+    get_layout,
+    layout_for_filename,
+)
 
 # --------------------------------------------------------------------------------------------------------------
 # Errors
@@ -471,6 +481,10 @@ def get_data(dataset: str = "mosi", alignment: str = "aligned", source: str = "a
     """
     if source not in ("auto", "real", "simulated"):
         raise ValueError(f"source must be 'auto', 'real' or 'simulated', got {source!r}")
+    if dataset == MOSI_UTTERANCE.name:  # a real file only: the simulator has no utterance-level preset
+        if source == "simulated":
+            raise ValueError(f"{dataset} is a real file only; for simulated data use dataset='mosi'")
+        return load_real(dataset, alignment, data_dir)
     if source != "simulated":
         try:
             return load_real(dataset, alignment, data_dir)

@@ -241,3 +241,21 @@ def test_cli_grid_prints_the_side_by_side_table(tmp_path, monkeypatch, capsys):
 def test_run_load_refuses_an_unfinished_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a finished run"):
         Run.load(tmp_path)
+
+
+def test_cli_trains_on_the_real_utterance_level_mosi_file(mosi_fixture_path, tmp_path, capsys):
+    assert main(["train", "--dataset", "mosi_utterance", "--source", "real", "--data-path",
+                 str(mosi_fixture_path.parent), "--setting", "kt", "--profile", "smoke", "--quiet",
+                 "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mosi_utterance-kt-seed1-" in out and "[real]" in out
+    run = Run.load(next(tmp_path.iterdir()))
+    assert run.config["data"]["synthetic"] is False and run.config["data"]["file"] == mosi_fixture_path.name
+    assert np.isfinite(run.metrics["test"]["mae"])
+
+
+def test_the_utterance_level_file_has_no_simulated_twin():
+    from ktlib.data import get_data
+
+    with pytest.raises(ValueError, match="real file only"):
+        get_data("mosi_utterance", source="simulated")
