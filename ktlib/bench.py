@@ -88,22 +88,22 @@ def measure(alignment: str, setting: str, variant: str, batch_size: int, steps: 
             model(batch)
 
     result = {"alignment": alignment, "setting": setting, "variant": variant, "device": str(dev)}
-    for name, step in ((mode, train_step if mode == "train" else eval_step),):
-        base = _rss_mb()
-        step()  # warm-up
+    step = train_step if mode == "train" else eval_step  # one mode per process: its peak memory is its own
+    base = _rss_mb()
+    step()  # warm-up
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
         sync()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
-        sec = statistics.median(times)
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
-        result.update({f"{name}_s": sec, f"{name}_samples_per_s": batch_size / sec, f"{name}_peak_mb": peak})
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+    result.update({f"{mode}_s": sec, f"{mode}_samples_per_s": batch_size / sec, f"{mode}_peak_mb": peak})
     return result
 
 

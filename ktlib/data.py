@@ -423,7 +423,8 @@ def _sim_key(config: SimConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Write a file through ``write(binary_file)`` into a temporary name, then rename: never half a file."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
         write(f)
@@ -440,12 +441,12 @@ def save_simulation(sim: Simulation, cache_dir: str | Path | None = None) -> dic
     """Write a simulation: the MulT-layout pickle, its ground truth (.npz) and its config and ceiling (.json)."""
     paths = simulation_cache_paths(sim.config, cache_dir)
     paths["data"].parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(paths["truth"], lambda f: np.savez(f, **{
+    atomic_write(paths["truth"], lambda f: np.savez(f, **{
         f"{split}/{k}": v for split, t in sim.truth.items() for k, v in t.items()}))
     meta = {"config": asdict(sim.config), "ceiling": sim.ceiling, "seconds": sim.seconds, "synthetic": True}
-    _atomic_write(paths["meta"], lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    atomic_write(paths["meta"], lambda f: f.write(json.dumps(meta, indent=2).encode()))
     # The data file last: its presence marks a complete cache entry.
-    _atomic_write(paths["data"], lambda f: pickle.dump(sim.raw, f, protocol=4))
+    atomic_write(paths["data"], lambda f: pickle.dump(sim.raw, f, protocol=4))
     return paths
 
 

@@ -341,3 +341,13 @@ def iemocap_metrics(logits_or_probs: npt.ArrayLike, labels: npt.ArrayLike) -> di
     result["mean_acc"] = float(np.mean([result[f"{e}_acc"] for e in EMOTIONS]))
     result["mean_f1"] = float(np.mean([result[f"{e}_f1"] for e in EMOTIONS]))
     return result
+
+
+def task_metrics(pred: npt.ArrayLike, truth: npt.ArrayLike, task: str) -> dict[str, float]:
+    """Every metric of a task: ``regression`` (scores, any (N, 1...) shape) or ``classification`` (IEMOCAP
+    (N, 4, 2) scores against one-hot (N, 4, 2) or index (N, 4) labels)."""
+    if task == "classification":
+        return iemocap_metrics(pred, truth)
+    if task != "regression":
+        raise ValueError(f"task must be 'regression' or 'classification', got {task!r}")
+    return regression_metrics(pred, truth)

@@ -619,15 +619,13 @@ def count_parameters(model: nn.Module) -> int:
 
 def save_checkpoint(path, model: KTModel, metrics: dict | None = None, extra: dict | None = None) -> None:
     """Write ``{config, state_dict, metrics, extra}`` (plain types and tensors only) atomically."""
-    import os
     from pathlib import Path
 
-    path = Path(path)
+    from .data import atomic_write
+
     payload = {"config": model.cfg.to_dict(), "state_dict": model.state_dict(), "metrics": dict(metrics or {}),
                "extra": dict(extra or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    atomic_write(Path(path), lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path, map_location="cpu") -> tuple[KTModel, dict]:

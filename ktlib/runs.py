@@ -25,8 +25,9 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .data import MultimodalData, project_root
+from .data import MultimodalData, atomic_write, project_root
 from .model import KTModel, ModelConfig, load_checkpoint, save_checkpoint
+from .specs import LAYOUTS
 from .train import TrainConfig, fit, profile
 
 _REFERENCE = Path(__file__).with_name("reference")
@@ -65,9 +66,7 @@ def environment() -> dict:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True, default=float).encode()))
 
 
 @dataclass
@@ -120,10 +119,11 @@ def load_or_train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Multimod
     return Run.load(folder)
 
 
-def _tidy_rows(run: Run, variant: str = "default", kind: str | None = None) -> list[dict]:
-    layout = run.config["data"]["layout"]
-    dataset, _, alignment = layout.partition("_")
-    kind = kind or ("synthetic (simulator)" if run.config["data"]["synthetic"] else "real")
+def _tidy_rows(run: Run, variant: str = "default") -> list[dict]:
+    name = run.config["data"]["layout"]
+    layout = LAYOUTS.get(name)
+    dataset, alignment = (layout.dataset, layout.alignment) if layout else (name, "unknown")
+    kind = "synthetic (simulator)" if run.config["data"]["synthetic"] else "real"
     seed = run.config["train"]["seed"]
     return [{"dataset": dataset, "alignment": alignment, "data": kind, "setting": run.setting, "variant": variant,
              "seed": seed, "split": split, "metric": metric, "value": value, "run": run.id}
@@ -155,7 +155,7 @@ def grid(data: MultimodalData, settings, seeds, profile_name: str = "quick", var
                                                    **{**prof.model, **model_overrides, **overrides})
                 train_cfg = TrainConfig(**{**prof.train, "seed": seed})
                 run = load_or_train(model_cfg, train_cfg, data, runs_dir, force, progress)
-                rows.extend(_tidy_rows(run, label, data.kind))
+                rows.extend(_tidy_rows(run, label))
     return pd.DataFrame(rows)
 
 

@@ -150,15 +150,8 @@ def simulate(config: SimConfig) -> Simulation:
     raw, truth, ceiling = {}, {}, {}
     for split_id, (split, n) in enumerate(config.split_sizes().items()):
         raw[split], truth[split] = _simulate_split(config, world, split_id, split, n)
-        ceiling[split] = oracle_metrics(config.dataset, raw[split]["labels"], truth[split]["oracle"])
+        ceiling[split] = metrics.task_metrics(truth[split]["oracle"], raw[split]["labels"], config.layout.task)
     return Simulation(config, raw, truth, ceiling, seconds=time.perf_counter() - start)
-
-
-def oracle_metrics(dataset: str, labels: np.ndarray, oracle: np.ndarray) -> dict[str, float]:
-    """Metrics of the oracle prediction: the noise ceiling of a simulated split."""
-    if dataset == "iemocap":
-        return metrics.iemocap_metrics(oracle, labels)
-    return metrics.regression_metrics(oracle, labels)
 
 
 class _World:

@@ -13,9 +13,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -26,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as M
-from .data import MultimodalData, make_loader
+from .data import MultimodalData, atomic_write, make_loader, sha256sum
 from .model import KTModel, ModelConfig
 
 # Settings whose inputs at test time have no audio; their validation and test batches are built without it.
@@ -117,13 +115,6 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def score(pred: np.ndarray, y: np.ndarray, task: str) -> dict[str, float]:
-    """Every metric of the task: regression metrics on (N,) scores, IEMOCAP metrics on (N, 4, 2) logits."""
-    if task == "classification":
-        return M.iemocap_metrics(pred, y)
-    return M.regression_metrics(pred.reshape(-1), y.reshape(-1))
-
-
 @torch.no_grad()
 def evaluate(model: KTModel, loader, device: torch.device, amp: bool = False) -> tuple[float, dict, np.ndarray]:
     """Mean task loss, metrics and predictions over a loader (model in eval mode)."""
@@ -141,30 +132,17 @@ def evaluate(model: KTModel, loader, device: torch.device, amp: bool = False) ->
     pred, y = np.concatenate(preds), np.concatenate(ys)
     if not np.isfinite(pred).all():
         raise FloatingPointError("the model produced NaN/inf predictions; lower the learning rate or check inputs")
-    return total / max(count, 1), score(pred, y, model.cfg.task), pred
+    return total / max(count, 1), M.task_metrics(pred, y, model.cfg.task), pred
 
 
 class CheckpointError(RuntimeError):
     """A training checkpoint is corrupt, truncated or from another run."""
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_state(path: Path, state: dict) -> None:
     """Write a checkpoint atomically, with a sha256 beside it so that a damaged file is recognised."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    digest = _digest(tmp)
-    os.replace(tmp, path)
-    sidecar = path.with_name(path.name + ".sha256")
-    sidecar.with_name(sidecar.name + ".tmp").write_text(digest)
-    os.replace(sidecar.with_name(sidecar.name + ".tmp"), sidecar)
+    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path.with_name(path.name + ".sha256"), lambda f: f.write(sha256sum(path).encode()))
 
 
 def load_state(path: Path, map_location="cpu") -> dict:
@@ -173,7 +151,7 @@ def load_state(path: Path, map_location="cpu") -> dict:
     hint = f"delete {path} (and {sidecar.name}) to start that run afresh, or retrain with force=True"
     if not sidecar.exists():
         raise CheckpointError(f"{path} has no checksum file {sidecar.name}, so it cannot be trusted; {hint}")
-    if _digest(path) != sidecar.read_text().strip():
+    if sha256sum(path) != sidecar.read_text().strip():
         raise CheckpointError(f"{path} does not match its checksum: it is truncated or corrupt; {hint}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)

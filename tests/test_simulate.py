@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ktlib import metrics
-from ktlib.simulate import SimConfig, emotion_posterior, expected_rating, oracle_metrics, preset, simulate
+from ktlib.simulate import SimConfig, emotion_posterior, expected_rating, preset, simulate
 from ktlib.specs import EMOTIONS, FILE_KEYS, MODALITIES, SPLITS
 
 # Small scales keep every preset fast; MOSEI's published splits are 10x MOSI's.
@@ -332,7 +332,8 @@ def test_iemocap_ceiling_and_oracle_are_posteriors():
     probs = np.exp(truth["oracle"].astype(np.float64))  # log of (1 - p, p) per emotion
     np.testing.assert_allclose(probs.sum(-1), 1, atol=1e-5)
     np.testing.assert_allclose(probs[:, :, 1], emotion_posterior(truth["sentiment"], truth["arousal"]), atol=1e-5)
-    assert sim.ceiling["test"] == pytest.approx(oracle_metrics("iemocap", sim.raw["test"]["labels"], truth["oracle"]))
+    expected = metrics.task_metrics(truth["oracle"], sim.raw["test"]["labels"], "classification")
+    assert sim.ceiling["test"] == pytest.approx(expected)
     assert {"mean_acc", "mean_f1", *(f"{e}_acc" for e in EMOTIONS)} <= set(sim.ceiling["test"])
 
 
