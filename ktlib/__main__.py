@@ -170,7 +170,8 @@ def cmd_reproduce(args) -> int:
     for nb in notebooks:
         t0 = time.perf_counter()
         pm.execute_notebook(str(nb), str(out_dir / nb.name), cwd=str(nb.parent), kernel_name="python3",
-                            parameters={"profile": args.profile, "figures_dir": str(figures)}, progress_bar=False)
+                            parameters={"profile": args.profile, "figures_dir": str(figures)}, progress_bar=False,
+                            execution_timeout=args.cell_timeout)
         print(f"executed {nb.name} ({time.perf_counter() - t0:.1f} s) -> {out_dir / nb.name}", flush=True)
     print(f"\ndone in {time.perf_counter() - start:.1f} s: executed notebooks in {out_dir}, figures in {figures}, "
           f"cached datasets in data/sim/")
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="simulator seed of the printed data summary")
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick", help="profile passed to the notebooks")
     p.add_argument("--out", default=None, help="folder for the executed notebooks (default runs/notebooks)")
+    p.add_argument("--cell-timeout", type=int, default=3600,
+                   help="seconds one notebook cell may run before the run stops with an error (default 3600)")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

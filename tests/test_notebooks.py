@@ -51,7 +51,8 @@ def test_notebook_runs_headlessly_in_the_smoke_profile(path, sandbox):
     out = sandbox / path.name
     figures = sandbox / "figures"
     pm.execute_notebook(str(path), str(out), parameters={"profile": "smoke", "figures_dir": str(figures)},
-                        kernel_name="python3", cwd=str(path.parent), progress_bar=False)
+                        kernel_name="python3", cwd=str(path.parent), progress_bar=False,
+                        execution_timeout=300)
     for name in FIGURES[path.name]:
         for suffix in (".png", ".pdf"):
             figure = figures / f"{name}{suffix}"
@@ -64,7 +65,8 @@ def test_out_of_range_parameter_stops_with_a_clear_message(sandbox):
     path = NOTEBOOKS[0]
     with pytest.raises(pm.PapermillExecutionError, match="profile='fast': choose one of"):
         pm.execute_notebook(str(path), str(sandbox / "bad.ipynb"), parameters={"profile": "fast"},
-                            kernel_name="python3", cwd=str(path.parent), progress_bar=False)
+                            kernel_name="python3", cwd=str(path.parent), progress_bar=False,
+                            execution_timeout=300)
 
 
 def test_setup_lists_every_bad_parameter_at_once(sandbox):
