@@ -173,8 +173,13 @@ def cmd_reproduce(args) -> int:
                             parameters={"profile": args.profile, "figures_dir": str(figures)}, progress_bar=False,
                             execution_timeout=args.cell_timeout)
         print(f"executed {nb.name} ({time.perf_counter() - t0:.1f} s) -> {out_dir / nb.name}", flush=True)
-    print(f"\ndone in {time.perf_counter() - start:.1f} s: executed notebooks in {out_dir}, figures in {figures}, "
-          f"cached datasets in data/sim/")
+    tables = default_runs_dir() / "tables"
+    print(f"\ndone in {time.perf_counter() - start:.1f} s ({args.profile} profile)")
+    print(f"  executed notebooks: {out_dir}")
+    print(f"  figures (PNG + PDF): {figures} ({len(list(figures.glob('*.png')))} figures)")
+    print(f"  result tables (CSV): {tables}")
+    print(f"  training runs:       {default_runs_dir()}  (read back, not retrained, next time)")
+    print("  cached datasets:     data/sim/")
     return 0
 
 

@@ -210,11 +210,18 @@ class MultimodalData:
     sim_config: SimConfig | None = None
     truth: dict[str, dict[str, np.ndarray]] | None = None  # simulator ground truth, per split
     ceiling: dict[str, dict[str, float]] | None = None  # simulator noise ceiling, per split
+    path: Path | None = None  # the file it was read from (the cache file for a simulation)
 
     def __getitem__(self, split: str) -> SplitData:
         if split not in self.splits:
             raise KeyError(f"no split {split!r}; splits are {list(self.splits)}")
         return self.splits[split]
+
+    def recipe(self) -> dict:
+        """What another process needs to read the same data again (small and picklable): see :func:`from_recipe`."""
+        if self.path is None:
+            raise ValueError("this dataset was built in memory, not read from a file; save it and load it from there")
+        return {"path": str(self.path), "layout": self.layout.name, "sim_config": self.sim_config}
 
     @property
     def kind(self) -> str:
@@ -410,7 +417,8 @@ def load_mult_file(path: str | Path, layout: Layout | str | None = None) -> Mult
             label_shape=first.labels.shape[1:], size_mb=path.stat().st_size / 1e6,
             description=f"custom file {path.name}",
         )
-    return MultimodalData(layout=layout, splits=splits, source=str(path), synthetic=False, nonfinite=nonfinite)
+    return MultimodalData(layout=layout, splits=splits, source=str(path), synthetic=False, nonfinite=nonfinite,
+                          path=Path(path))
 
 
 def load_real(dataset: str, alignment: str = "aligned", data_dir: str | Path | None = None) -> MultimodalData:
@@ -471,6 +479,13 @@ def load_simulated(config: SimConfig | None = None, cache_dir: str | Path | None
     data.source = (f"simulator ({config.dataset}, {config.alignment}, seed {config.seed}, scale {config.scale}, "
                    f"audio_predictability {config.audio_predictability}); cached at {paths['data']}")
     return data
+
+
+def from_recipe(recipe: dict) -> MultimodalData:
+    """Read again the data described by :meth:`MultimodalData.recipe` (e.g. in a worker process)."""
+    if recipe["sim_config"] is not None:
+        return load_simulated(recipe["sim_config"], cache_dir=Path(recipe["path"]).parent)
+    return load_mult_file(recipe["path"], recipe["layout"])
 
 
 def get_data(dataset: str = "mosi", alignment: str = "aligned", source: str = "auto",

@@ -591,6 +591,16 @@ class KTModel(nn.Module):
             details["attention"] = weights
         return out, details
 
+    @torch.no_grad()
+    def audio_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """f_A of the batch's real audio (B, T_a, d): what the reconstruction is trained to match.
+
+        For analysis only (reconstructed vs real audio); predictions never use it.
+        """
+        if self.kt is None:
+            raise ValueError(f"setting {self.cfg.setting!r} has no knowledge-transfer network; use a 'kt' model")
+        return self.kt._encode(self.kt.enc_a, self.proj["a"](batch["a"]), batch["mask_a"])
+
     def consistency_term(self, details: dict) -> torch.Tensor:
         """lambda1 * L_c(V->A) + lambda2 * L_c(L->A) of eq. 6 (zero when there is nothing to compare)."""
         if "loss_va" not in details:

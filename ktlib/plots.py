@@ -145,3 +145,245 @@ def parameter_counts(counts: dict[str, int], title: str):
     ax.set_xlabel("parameters (thousands)")
     ax.set_title(title)
     return fig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training, ablations and results (tidy tables from ktlib.runs)
+
+SETTING_COLORS = {"full": "#8172B3", "vision_only": COLORS["v"], "language_only": COLORS["l"],
+                  "language_vision": "#937860", "kt": COLORS["a_hat"]}
+METRIC_NAMES = {"mae": "MAE (lower is better)", "corr": "Corr", "acc2_non0": "Acc2 (non-0)", "f1_non0": "F1 (non-0)",
+                "acc7": "Acc7", "mean_acc": "mean accuracy", "mean_f1": "mean weighted F1"}
+
+
+def learning_curves(histories: dict[str, list], title: str, metric: str = "valid_mae"):
+    """Training loss and a validation metric per epoch: ``histories`` maps a setting to one DataFrame per seed
+    (mean line, one thin line per seed)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for setting, frames in histories.items():
+        color = SETTING_COLORS.get(setting)
+        for ax, column in zip(axes, ("train_task", metric), strict=True):
+            for h in frames:
+                ax.plot(h["epoch"] + 1, h[column], color=color, lw=0.6, alpha=0.35)
+            mean = np.mean([h[column].to_numpy() for h in frames if len(h) == len(frames[0])], axis=0)
+            ax.plot(np.arange(1, len(mean) + 1), mean, color=color, lw=2, label=setting)
+    axes[0].set(xlabel="epoch", ylabel="training task loss", title="training")
+    axes[1].set(xlabel="epoch", ylabel=metric.replace("_", " "), title="validation (no audio unless full)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def metric_bars(tidy, metrics, title: str, by: str = "setting", paper: dict | None = None, order=None):
+    """One panel per metric: the mean over seeds as a bar, each seed as a dot, the paper's number as a black
+    diamond when ``paper`` (``{(group, metric): value}`` in the same units) has it."""
+    test = tidy[tidy["split"] == "test"]
+    order = list(order) if order is not None else list(dict.fromkeys(test[by]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.3 * len(metrics), 3.9), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        cell = test[test["metric"] == metric]
+        xs = np.arange(len(order))
+        means = [cell[cell[by] == g]["value"].mean() for g in order]
+        colors = [SETTING_COLORS.get(g, "#7f7f7f") for g in order]
+        ax.bar(xs, means, color=colors, alpha=0.75)
+        for x, g in zip(xs, order, strict=True):
+            vals = cell[cell[by] == g]["value"].to_numpy()
+            ax.scatter(np.full(len(vals), x) + np.linspace(-0.12, 0.12, len(vals)), vals, s=12, color="black",
+                       zorder=3)
+            if paper and (g, metric) in paper and np.isfinite(paper[(g, metric)]):
+                ax.scatter([x], [paper[(g, metric)]], marker="D", s=40, color="black", facecolor="white",
+                           zorder=4, label="paper" if x == 0 else None)
+        ax.set_xticks(xs, order, rotation=35, ha="right", fontsize=8)
+        ax.set_title(METRIC_NAMES.get(metric, metric), fontsize=10)
+        finite = [v for v in means if np.isfinite(v)]
+        if finite and metric != "mae":
+            ax.set_ylim(min(finite) * 0.9, None)
+    if paper:
+        axes[0][0].legend(fontsize=8, loc="lower left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def predictability_curve(table, title: str, metric: str = "mae"):
+    """Left: the metric of language+vision and kt against the simulator's audio_predictability (mean and seeds).
+    Right: kt's gain over language+vision (positive: the reconstruction helps)."""
+    test = table[(table["split"] == "test") & (table["metric"] == metric)]
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
+    for setting in ("language_vision", "kt"):
+        part = test[test["setting"] == setting]
+        mean = part.groupby("audio_predictability")["value"].mean()
+        axes[0].plot(mean.index, mean.to_numpy(), "-o", color=SETTING_COLORS[setting], label=setting)
+        axes[0].scatter(part["audio_predictability"], part["value"], s=10, color=SETTING_COLORS[setting], alpha=0.5)
+    axes[0].set(xlabel="audio_predictability (simulator)", ylabel=METRIC_NAMES.get(metric, metric), title=metric)
+    axes[0].legend(fontsize=8)
+    wide = test.pivot_table(index=["audio_predictability", "seed"], columns="setting", values="value")
+    gain = (wide["language_vision"] - wide["kt"]) if metric == "mae" else (wide["kt"] - wide["language_vision"])
+    gain = gain.reset_index(name="gain")
+    axes[1].axhline(0, color="black", lw=0.8)
+    axes[1].scatter(gain["audio_predictability"], gain["gain"], color=COLORS["a_hat"], s=14)
+    g = gain.groupby("audio_predictability")["gain"].mean()
+    axes[1].plot(g.index, g.to_numpy(), "-o", color=COLORS["a_hat"])
+    axes[1].set(xlabel="audio_predictability (simulator)", ylabel="kt gain over language+vision",
+                title="what reconstruction gives")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def paired_differences(diffs, title: str):
+    """kt minus language+vision per seed (signed: positive = kt better), one panel per metric."""
+    fig, axes = plt.subplots(1, len(diffs), figsize=(2.6 * len(diffs), 3.3), squeeze=False)
+    for ax, (_, row) in zip(axes[0], diffs.iterrows(), strict=True):
+        vals = np.asarray(row["differences"], dtype=float)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.scatter(np.zeros(len(vals)) + np.linspace(-0.05, 0.05, len(vals)), vals, color=COLORS["a_hat"], s=20)
+        ax.errorbar([0.25], [row["mean"]], yerr=[row["std"]], fmt="D", color="black", capsize=4)
+        ax.set_xlim(-0.5, 0.7)
+        ax.set_xticks([])
+        ax.set_title(f"{row['metric']}\nbetter on {row['better_on']}/{row['n_seeds']}", fontsize=9)
+    axes[0][0].set_ylabel("kt − language+vision (signed)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reconstructed vs real audio (ktlib.analysis)
+
+
+def embedding_maps(points: dict[str, np.ndarray], color: np.ndarray, title: str, color_label: str = "sentiment",
+                   vlim: tuple[float, float] | None = (-3, 3)):
+    """One panel per representation in a shared 2-D map, points coloured by ``color`` (e.g. sentiment)."""
+    vmin, vmax = vlim if vlim is not None else (None, None)
+    fig, axes = plt.subplots(1, len(points), figsize=(3.4 * len(points), 3.5), sharex=True, sharey=True,
+                             squeeze=False)
+    sc = None
+    for ax, (name, xy) in zip(axes[0], points.items(), strict=True):
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=color, cmap="coolwarm", s=6, vmin=vmin, vmax=vmax)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(sc, ax=axes[0].tolist(), label=color_label, shrink=0.85)
+    fig.suptitle(title)
+    return fig
+
+
+def similarity_distributions(same: dict[str, np.ndarray], other: dict[str, np.ndarray], xlabel: str, title: str):
+    """Per reconstruction, the distribution of a per-sample measure against its own sample's f_A (filled) and
+    against another sample's (outline)."""
+    fig, axes = plt.subplots(1, len(same), figsize=(3.5 * len(same), 3.2), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], same, strict=True):
+        lo = min(np.min(same[name]), np.min(other[name]))
+        hi = max(np.max(same[name]), np.max(other[name]))
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 30)
+        ax.hist(same[name], bins=bins, color=COLORS["a_hat"], alpha=0.7, label="same sample")
+        ax.hist(other[name], bins=bins, histtype="step", color="black", label="another sample")
+        ax.set(title=name, xlabel=xlabel)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def per_dim_correlations(corrs: dict[str, np.ndarray], title: str):
+    """Per feature dimension of f_A, its correlation across samples with each reconstruction."""
+    fig, ax = plt.subplots(figsize=(9, 3.3))
+    width = 0.8 / len(corrs)
+    for i, (name, c) in enumerate(corrs.items()):
+        ax.bar(np.arange(len(c)) + i * width, c, width, label=name)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(xlabel="dimension of f_A", ylabel="Pearson r across samples", ylim=(-1, 1), title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def matrix_heatmap(matrix, title: str, fmt: str = ".2f"):
+    """A labelled heatmap of a square DataFrame (e.g. a CKA matrix)."""
+    import seaborn as sns
+
+    fig, ax = plt.subplots(figsize=(1.3 * len(matrix) + 2.5, 1.1 * len(matrix) + 1.5))
+    sns.heatmap(matrix, annot=True, fmt=fmt, cmap="viridis", vmin=0, vmax=1, ax=ax, cbar_kws={"shrink": 0.8})
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def sample_over_time(real: np.ndarray, recon: dict[str, np.ndarray], title: str):
+    """One sample's real f_A and its reconstructions over its real frames (heatmaps, time x dimension), and the
+    cosine similarity to f_A frame by frame."""
+    n = 1 + len(recon)
+    fig, axes = plt.subplots(1, n + 1, figsize=(3.2 * (n + 1), 3.3))
+    lim = float(np.abs(real).max()) or 1.0
+    for ax, (name, x) in zip(axes[:n], {"f_A (real)": real, **recon}.items(), strict=True):
+        ax.imshow(x.T, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+        ax.set(title=name, xlabel="frame", ylabel="dimension")
+    from .analysis import cosine
+
+    for name, x in recon.items():
+        axes[n].plot(cosine(x, real), label=name, lw=1.2)
+    axes[n].set(title="cosine to f_A per frame", xlabel="frame", ylim=(-1, 1))
+    axes[n].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def probe_bars(table, title: str):
+    """Linear probes of a dataset (``ktlib.analysis.linear_probes``): one bar per probe."""
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(table) + 1.2))
+    labels = [f"{p} [{m}]" for p, m in zip(table["probe"], table["measure"], strict=True)]
+    colors = [COLORS["a_hat"] if p.startswith("audio") else "#7f7f7f" for p in table["probe"]]
+    ax.barh(labels, table["value"], color=colors)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.invert_yaxis()
+    ax.set(xlabel="test correlation / R²", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def claims_chart(claims, title: str):
+    """Each claim's gain (positive supports it) with the seed noise it is judged against."""
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(claims) + 1.4))
+    y = np.arange(len(claims))
+    colors = {"supported": "#55A868", "not supported": "#C44E52", "within seed noise": "#7f7f7f",
+              "same direction (1 seed)": "#A8D5B5", "opposite direction (1 seed)": "#E8A9AB"}
+    ax.barh(y, claims["gain"], color=[colors.get(v, "#cccccc") for v in claims["verdict"]])
+    ax.errorbar(np.zeros(len(claims)), y, xerr=claims["noise"], fmt="none", color="black", capsize=3, lw=1)
+    ax.set_yticks(y, [f"{c} ({s})" for c, s in zip(claims["claim"], claims["source"], strict=True)], fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.invert_yaxis()
+    ax.set(xlabel=f"gain in {claims['metric'].iloc[0]} (positive supports the claim; bars at 0: seed noise)",
+           title=title)
+    fig.tight_layout()
+    return fig
+
+
+def prediction_scatter(preds: dict[str, np.ndarray], y: np.ndarray, title: str):
+    """Predicted against true sentiment, one panel per setting."""
+    fig, axes = plt.subplots(1, len(preds), figsize=(2.9 * len(preds), 3.1), sharex=True, sharey=True,
+                             squeeze=False)
+    y = np.asarray(y).reshape(len(y))
+    for ax, (setting, p) in zip(axes[0], preds.items(), strict=True):
+        ax.scatter(y, np.asarray(p).reshape(len(y)), s=5, alpha=0.5, color=SETTING_COLORS.get(setting))
+        ax.plot([-3, 3], [-3, 3], color="black", lw=0.8)
+        ax.set(title=setting, xlabel="true", xlim=(-3.2, 3.2), ylim=(-3.2, 3.2))
+    axes[0][0].set_ylabel("predicted")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def sample_predictions(preds: dict[str, np.ndarray], y: np.ndarray, index: int, title: str):
+    """One utterance: each setting's prediction beside the true label (regression)."""
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    names = list(preds)
+    vals = [float(np.asarray(preds[s]).reshape(-1)[index]) for s in names]
+    ax.barh(names, vals, color=[SETTING_COLORS.get(s, "#7f7f7f") for s in names])
+    ax.axvline(float(np.asarray(y).reshape(-1)[index]), color="black", lw=2, label="true label")
+    ax.set(xlim=(-3, 3), xlabel="sentiment", title=f"{title}: utterance {index}")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -75,9 +75,9 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", model=dict(d=8, heads=2, layers=1, mem_layers=1, kt_layers=1, **_NO_DROPOUT),
                      train=dict(epochs=2, batch_size=16), scale=0.05,
                      description="seconds: plumbing checks and tests, numbers mean nothing"),
-    "quick": Profile("quick", model=dict(d=16, heads=4, layers=2, mem_layers=2, kt_layers=2),
-                     train=dict(epochs=12, batch_size=32, lr=2e-3), scale=1.0,
-                     description="minutes on a 2-core CPU: smaller width and depth, fewer epochs"),
+    "quick": Profile("quick", model=dict(d=16, heads=4, layers=1, mem_layers=1, kt_layers=1),
+                     train=dict(epochs=8, batch_size=48, lr=3e-3), scale=1.0,
+                     description="minutes on a 2-core CPU: d=16, one layer per stack, 8 epochs"),
     "paper": Profile("paper", model=dict(), train=dict(epochs=40, batch_size=128, lr=1e-3, schedule="constant"),
                      scale=1.0, description="the paper's Table 5 configuration and 40 epochs; meant for a GPU"),
 }

@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import MultimodalData, get_data
+import pandas as pd
+
+from .data import MultimodalData, atomic_write, get_data
+from .runs import default_runs_dir
 from .specs import ALIGNMENTS, DATASETS
 from .train import PROFILES, Profile, profile
 
@@ -23,17 +26,36 @@ class Workbook:
     seeds: list[int]
     data: MultimodalData
     figures: Path
+    tables: Path
+    workers: int | None = None  # training processes (None: one per CPU core up to 4, one on a GPU)
 
     @property
     def label(self) -> str:
         """A label for titles and tables: dataset, alignment and whether the data is synthetic."""
         return f"{self.data.layout.name} [{self.data.kind}]"
 
+    def save_table(self, table: pd.DataFrame, name: str) -> Path:
+        """Write ``tables/name.csv`` (atomically) and return its path."""
+        path = self.tables / f"{name}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(table.to_csv(index=False).encode()))
+        return path
+
+    def figure(self, fig, name: str) -> None:
+        """Save a figure as PNG and PDF in the figures folder."""
+        from .plots import save_figure
+
+        save_figure(fig, name, self.figures)
+
 
 def setup(dataset: str = "mosi", alignment: str = "aligned", profile_name: str = "quick", seeds: int = 3,
           data_path: str = "", source: str = "auto", scale: float = 0.0, figures_dir: str = "figures",
-          audio_predictability: float = -1.0) -> Workbook:
-    """Validate notebook parameters and load the data.  ``scale=0`` and ``audio_predictability<0`` mean defaults."""
+          audio_predictability: float = -1.0, tables_dir: str = "", workers: int = 0) -> Workbook:
+    """Validate notebook parameters and load the data.
+
+    ``scale=0``, ``audio_predictability<0``, ``tables_dir=""`` (the run store's ``tables/``) and ``workers=0``
+    (one training process per CPU core, up to 4; one on a GPU) mean defaults.
+    """
     problems = []
     if dataset not in DATASETS:
         problems.append(f"dataset={dataset!r}: choose one of {DATASETS}")
@@ -49,6 +71,8 @@ def setup(dataset: str = "mosi", alignment: str = "aligned", profile_name: str =
         problems.append(f"scale={scale!r}: a fraction of the published split sizes in (0, 1], or 0 for the profile's")
     if audio_predictability > 1.0:
         problems.append(f"audio_predictability={audio_predictability!r}: in [0, 1], or negative for the default")
+    if not (isinstance(workers, int) and 0 <= workers <= 32):
+        problems.append(f"workers={workers!r}: training processes, an integer from 1 to 32, or 0 for automatic")
     if problems:
         raise ValueError("notebook parameters out of range:\n  - " + "\n  - ".join(problems))
     prof = profile(profile_name)
@@ -59,4 +83,6 @@ def setup(dataset: str = "mosi", alignment: str = "aligned", profile_name: str =
     from .plots import set_theme
 
     set_theme()
-    return Workbook(dataset, alignment, prof, list(range(1, seeds + 1)), data, Path(figures_dir))
+    tables = Path(tables_dir) if tables_dir else default_runs_dir() / "tables"
+    return Workbook(dataset, alignment, prof, list(range(1, seeds + 1)), data, Path(figures_dir), tables,
+                    workers or None)

@@ -1,8 +1,11 @@
 """The notebooks: committed clean, one documented parameters cell each, and they run headlessly (smoke profile)."""
 
 import json
+import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import papermill as pm
 import pytest
 
@@ -11,7 +14,13 @@ FIGURES = {
     "00_overview.ipynb": ["00-pipeline"],
     "01_data.ipynb": ["01-labels", "01-sample-streams"],
     "02_model.ipynb": ["02-positions", "02-attention", "02-parameters"],
+    "03_training.ipynb": ["03-learning-curves", "03-results", "03-predictions"],
+    "04_ablations.ipynb": ["04-consistency-loss", "04-targets", "04-lambda", "04-predictability", "04-probes"],
+    "05_reconstruction.ipynb": ["05-pca", "05-umap", "05-cosine", "05-mse",
+                                "05-per-dim-corr", "05-cka", "05-sample-over-time"],
+    "06_results.ipynb": ["06-paired", "06-claims"],
 }
+SETTINGS = {"full", "vision_only", "language_only", "language_vision", "kt"}
 
 
 def test_the_ordered_notebooks_are_there():
@@ -46,19 +55,79 @@ def sandbox(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Every notebook run in order, headlessly, in the smoke profile, sharing one data folder and run store (as
+    ``make reproduce`` does); records which runs each notebook added to the store."""
+    root = tmp_path_factory.mktemp("workbook")
+    env = {"KTLIB_DATA_DIR": str(root / "data"), "KTLIB_RUNS_DIR": str(root / "runs"), "MPLBACKEND": "Agg"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    added, outputs = {}, {}
+    try:
+        for path in NOTEBOOKS:
+            before = {p.parent.name for p in (root / "runs").glob("*/metrics.json")}
+            outputs[path.name] = root / path.name
+            pm.execute_notebook(str(path), str(outputs[path.name]), cwd=str(path.parent), kernel_name="python3",
+                                parameters={"profile": "smoke", "figures_dir": str(root / "figures")},
+                                progress_bar=False, execution_timeout=300)
+            after = {p.parent.name for p in (root / "runs").glob("*/metrics.json")}
+            added[path.name] = after - before
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"root": root, "figures": root / "figures", "tables": root / "runs" / "tables", "added": added,
+            "outputs": outputs}
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_headlessly_in_the_smoke_profile(path, sandbox):
-    out = sandbox / path.name
-    figures = sandbox / "figures"
-    pm.execute_notebook(str(path), str(out), parameters={"profile": "smoke", "figures_dir": str(figures)},
-                        kernel_name="python3", cwd=str(path.parent), progress_bar=False,
-                        execution_timeout=300)
+def test_notebook_runs_headlessly_and_writes_its_figures(path, executed):
     for name in FIGURES[path.name]:
         for suffix in (".png", ".pdf"):
-            figure = figures / f"{name}{suffix}"
+            figure = executed["figures"] / f"{name}{suffix}"
             assert figure.is_file() and figure.stat().st_size > 1000, f"{figure.name} missing or empty"
-    text = out.read_text()
+    text = executed["outputs"][path.name].read_text()
     assert "synthetic (simulator)" in text, "a run on the simulator says so"
+
+
+def _finite_cells(table: pd.DataFrame, column: str) -> np.ndarray:
+    """Numbers of a column, reading 'mean ± std' strings as their mean."""
+    return table[column].astype(str).str.split(" ± ").str[0].astype(float).to_numpy()
+
+
+@pytest.mark.parametrize("name", ["03-results", "06-main"])
+def test_results_tables_hold_finite_numbers_for_every_setting(executed, name):
+    table = pd.read_csv(executed["tables"] / f"{name}.csv")
+    assert set(table["setting"]) == SETTINGS
+    assert (table["data"] == "synthetic (simulator)").all()
+    for column in ("MAE", "Corr", "Acc2", "F1", "Acc7"):
+        assert np.isfinite(_finite_cells(table, column)).all(), f"{name}: {column} not finite"
+    assert np.isfinite(table["MAE (paper)"]).all()  # the paper's row for every setting
+
+
+def test_ablation_and_analysis_tables_are_complete_and_finite(executed):
+    tables = executed["tables"]
+    for name, variants in (("04-consistency-loss", {"L1", "L2"}),
+                           ("04-targets", {"all targets", "target=language", "target=audio", "target=vision"}),
+                           ("04-lambda", {"lambda=0", "lambda=0.1", "lambda=1", "lambda=10"})):
+        table = pd.read_csv(tables / f"{name}.csv")
+        assert set(table["variant"]) == variants and np.isfinite(table["mean"]).all()
+    sweep = pd.read_csv(tables / "04-predictability.csv")
+    assert set(sweep["setting"]) == {"language_vision", "kt"} and sweep["variant"].nunique() == 4
+    recon = pd.read_csv(tables / "05-reconstruction.csv")
+    assert len(recon) == 3 and np.isfinite(recon.drop(columns="reconstruction").to_numpy(dtype=float)).all()
+    claims = pd.read_csv(tables / "06-claims.csv")
+    assert claims["verdict"].notna().all() and np.isfinite(claims["gain"]).all()
+
+
+def test_later_notebooks_read_runs_back_instead_of_training_again(executed):
+    added = executed["added"]
+    assert len(added["03_training.ipynb"]) == 15  # five settings x three seeds
+    assert not added["05_reconstruction.ipynb"], "notebook 5 retrained a run of notebook 3"
+    assert not added["06_results.ipynb"], "notebook 6 retrained runs of notebooks 3 and 4"
 
 
 def test_out_of_range_parameter_stops_with_a_clear_message(sandbox):

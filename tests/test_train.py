@@ -191,6 +191,19 @@ def test_grid_summary_and_paper_comparison(mosi, tmp_path):
     assert " ± " in kt["MAE"]
 
 
+def test_grid_trains_each_run_once_in_worker_processes_and_reads_it_back(mosi, tmp_path):
+    variants = {"L2": {}, "same as L2": {}, "L1": {"consistency": "l1"}}
+    tidy = grid(mosi, ["kt"], [1], "smoke", variants=variants, runs_dir=tmp_path, progress=False, workers=2)
+    folders = sorted(tmp_path.iterdir())
+    assert len(folders) == 2  # two labels with the same configuration share one run
+    assert all((f / "metrics.json").is_file() and (f / "model.pt").is_file() for f in folders)
+    assert set(tidy["variant"]) == set(variants)
+    stamps = {f: (f / "metrics.json").stat().st_mtime_ns for f in folders}
+    again = grid(mosi, ["kt"], [1], "smoke", variants=variants, runs_dir=tmp_path, progress=False, workers=1)
+    assert {f: (f / "metrics.json").stat().st_mtime_ns for f in folders} == stamps  # read back, not retrained
+    pd.testing.assert_frame_equal(tidy, again)
+
+
 def test_hand_made_summary():
     tidy = pd.DataFrame({"dataset": "mosi", "alignment": "aligned", "data": "real", "setting": "kt",
                          "variant": "default", "seed": [1, 2, 3], "split": "test", "metric": "mae",
