@@ -18,11 +18,12 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup reproduce test bench lint lab clean distclean
+.PHONY: help setup reproduce test browser-test bench lint lab clean distclean
 
 help:
 	@echo "make reproduce   run every notebook in order on the built-in (simulated) data (PROFILE=quick|smoke|paper)"
 	@echo "make test        run the test suite"
+	@echo "make browser-test  open a notebook in JupyterLab in headless Chromium, run it, save a screenshot"
 	@echo "make bench       time and memory of every setting and attention path on this device"
 	@echo "make lab         open JupyterLab with the project's kernel"
 	@echo "make lint        ruff on code and notebooks"
@@ -46,6 +47,16 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check ktlib tests
 	$(PY) -m pytest
+
+# Debian's chromium and chromium-driver (installed here when apt-get can), selenium from PyPI.
+browser-test: $(STAMP)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get install -y -qq chromium chromium-driver >/dev/null || \
+		 (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)) || \
+		echo "could not install chromium and chromium-driver; install them and run again"
+	$(PY) -m pip install -qq selenium
+	$(PY) -m pytest -v -rs tests/test_browser.py
+	@echo "screenshots: runs/browser/"
 
 bench: $(STAMP)
 	$(PY) -m ktlib.bench

@@ -387,3 +387,13 @@ def sample_predictions(preds: dict[str, np.ndarray], y: np.ndarray, index: int, 
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def figure_png(fig) -> bytes:
+    """The figure as PNG bytes (and closed): for an ``ipywidgets.Image`` that a slider or button redraws."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
