@@ -266,7 +266,7 @@ def embedding_maps(points: dict[str, np.ndarray], color: np.ndarray, title: str,
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(sc, ax=axes[0].tolist(), label=color_label, shrink=0.85)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)
     return fig
 
 
