@@ -42,8 +42,13 @@ class AudioEmbeddings:
 
     def pooled(self, name: str) -> np.ndarray:
         """(N, d): the mean over each sample's real audio frames (zeros for a sample without any)."""
-        w = self.real[..., None].astype(np.float64)
-        return (self.frames[name] * w).sum(1) / np.maximum(w.sum(1), 1.0)
+        return frame_mean(self.frames[name], self.real)
+
+
+def frame_mean(x: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """(N, D): the mean of (N, T, D) ``x`` over each sample's ``real`` (N, T) frames (zeros where there are none)."""
+    w = real[..., None].astype(np.float64)
+    return (x * w).sum(1) / np.maximum(w.sum(1), 1.0)
 
 
 @torch.no_grad()
@@ -164,9 +169,8 @@ def embed_2d(blocks: dict[str, np.ndarray], method: str = "pca", seed: int = 0) 
 
 def pooled_features(data: MultimodalData, split: str, m: str) -> np.ndarray:
     """(N, D): a modality's raw input features averaged over each utterance's real (non-padding) frames."""
-    x = data[split].features(m).astype(np.float64)  # (N, T, D)
-    real = (x != 0).any(-1, keepdims=True)
-    return (x * real).sum(1) / np.maximum(real.sum(1), 1)
+    x = data[split].features(m)  # (N, T, D)
+    return frame_mean(x, (x != 0).any(-1))  # padding frames are all-zero
 
 
 def _ridge_fit(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -18,11 +18,9 @@ import numpy as np
 import pandas as pd
 
 from .data import MultimodalData, load_simulated
-from .runs import plan, run_jobs
-
-SETTINGS = ("full", "vision_only", "language_only", "language_vision", "kt")
-SETTING_NAMES = {"full": "full (L, V, A)", "vision_only": "vision only", "language_only": "language only",
-                 "language_vision": "language + vision", "kt": "kt (audio reconstructed)"}
+from .metrics import LOWER_IS_BETTER
+from .model import SETTINGS  # the five settings of Tables I-III
+from .runs import plan, read_jobs, run_jobs, train_missing
 
 # Ablation families: label -> ModelConfig overrides of the kt model.  The default kt model is in each family.
 CONSISTENCY = {"L2": {}, "L1": {"consistency": "l1"}}  # Table V
@@ -32,10 +30,6 @@ LAMBDAS = (0.0, 0.1, 1.0, 10.0)  # lambda1 = lambda2; 0 trains the transfer netw
 PREDICTABILITY = (0.0, 0.35, 0.7, 1.0)  # the simulator's audio_predictability
 FAMILIES = {"consistency": CONSISTENCY, "targets": TARGETS,
             "lambda": {f"lambda={v:g}": {"lambda1": v, "lambda2": v} for v in LAMBDAS}}
-
-# Lower is better for these metrics; higher for every other.
-LOWER_IS_BETTER = ("mae", "loss")
-
 
 def main_runs(data: MultimodalData, seeds, profile_name: str, workers: int | None = None,
               progress: bool = True) -> pd.DataFrame:
@@ -47,8 +41,8 @@ def ablation_runs(data: MultimodalData, seeds, profile_name: str, workers: int |
                   progress: bool = True) -> dict[str, pd.DataFrame]:
     """Each ablation family (``FAMILIES``) of the kt model: family name -> tidy table (variant = the label)."""
     jobs = {name: plan(data, ["kt"], seeds, profile_name, variants) for name, variants in FAMILIES.items()}
-    run_jobs([j for js in jobs.values() for j in js], progress=progress, workers=workers)  # train what is missing
-    return {name: run_jobs(js, progress=False, workers=1) for name, js in jobs.items()}  # read back per family
+    train_missing([j for js in jobs.values() for j in js], progress=progress, workers=workers)  # all at once
+    return {name: read_jobs(js) for name, js in jobs.items()}
 
 
 def predictability_runs(data: MultimodalData, seeds, profile_name: str, values=PREDICTABILITY,

@@ -41,6 +41,9 @@ _MAX_POSITIONS_SHOWN = 5  # how many offending positions an error message lists
 # Input handling
 # ----------------------------------------------------------------------------------------------------------
 
+# Lower is better for these metrics (and the losses); higher for every other one.
+LOWER_IS_BETTER = ("mae", "loss")
+
 
 def _to_numpy(x: npt.ArrayLike) -> np.ndarray:
     """Return ``x`` as a numpy array; torch tensors are detached and copied to the CPU first."""

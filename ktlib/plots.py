@@ -219,7 +219,10 @@ def predictability_curve(table, title: str, metric: str = "mae"):
     axes[0].set(xlabel="audio_predictability (simulator)", ylabel=METRIC_NAMES.get(metric, metric), title=metric)
     axes[0].legend(fontsize=8)
     wide = test.pivot_table(index=["audio_predictability", "seed"], columns="setting", values="value")
-    gain = (wide["language_vision"] - wide["kt"]) if metric == "mae" else (wide["kt"] - wide["language_vision"])
+    from .metrics import LOWER_IS_BETTER
+
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    gain = sign * (wide["kt"] - wide["language_vision"])
     gain = gain.reset_index(name="gain")
     axes[1].axhline(0, color="black", lw=0.8)
     axes[1].scatter(gain["audio_predictability"], gain["gain"], color=COLORS["a_hat"], s=14)

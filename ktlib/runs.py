@@ -183,12 +183,11 @@ def plan(data: MultimodalData, settings, seeds, profile_name: str = "quick", var
             for setting in settings for label, overrides in variants.items() for seed in seeds]
 
 
-def run_jobs(jobs: list[Job], runs_dir: str | Path | None = None, force: bool = False, progress: bool = True,
-             workers: int | None = None) -> pd.DataFrame:
-    """Train the jobs not yet in the store (each once, however many labels share it), read all back, and return
-    a tidy table: one row per job, split and metric.
+def train_missing(jobs: list[Job], runs_dir: str | Path | None = None, force: bool = False, progress: bool = True,
+                  workers: int | None = None) -> None:
+    """Train the jobs not yet in the store, each once however many labels share it.
 
-    ``workers`` training processes share the runs to do (``None``: :func:`default_workers`).  A worker uses
+    ``workers`` training processes share them (``None``: :func:`default_workers`).  A worker uses
     ``cpu_count // workers`` threads; results can differ in the last digits with the number of threads.
     """
     folder = Path(runs_dir) if runs_dir is not None else default_runs_dir()
@@ -216,10 +215,24 @@ def run_jobs(jobs: list[Job], runs_dir: str | Path | None = None, force: bool = 
             for fut in tqdm(as_completed(futures), total=len(futures), desc=f"{len(futures)} runs, {workers} workers",
                             disable=not progress, leave=False):
                 fut.result()  # a failed run raises here, with its worker's error
+    for job in todo.values():  # what no worker took (e.g. data built in memory), in this process
+        load_or_train(job.model, job.train, job.data, folder, progress=progress)
+
+
+def read_jobs(jobs: list[Job], runs_dir: str | Path | None = None) -> pd.DataFrame:
+    """The finished runs of ``jobs`` as a tidy table: one row per job, split and metric."""
+    folder = Path(runs_dir) if runs_dir is not None else default_runs_dir()
     rows = []
-    for job in jobs:  # the rest (one process), then everything read back in order
-        rows.extend(_tidy_rows(load_or_train(job.model, job.train, job.data, folder, progress=progress), job.variant))
+    for job in jobs:
+        rows.extend(_tidy_rows(Run.load(folder / run_id(job.model, job.train, job.data)), job.variant))
     return pd.DataFrame(rows)
+
+
+def run_jobs(jobs: list[Job], runs_dir: str | Path | None = None, force: bool = False, progress: bool = True,
+             workers: int | None = None) -> pd.DataFrame:
+    """Train what is missing (:func:`train_missing`), then read every job back (:func:`read_jobs`)."""
+    train_missing(jobs, runs_dir, force, progress, workers)
+    return read_jobs(jobs, runs_dir)
 
 
 def grid(data: MultimodalData, settings, seeds, profile_name: str = "quick", variants: dict | None = None,
