@@ -35,7 +35,10 @@ class Workbook:
         return f"{self.data.layout.name} [{self.data.kind}]"
 
     def save_table(self, table: pd.DataFrame, name: str) -> Path:
-        """Write ``tables/name.csv`` (atomically) and return its path."""
+        """Write ``tables/name.csv`` (atomically) and return its path.  A table without a ``data`` column gets one
+        saying which data it came from ("synthetic (simulator)" or "real")."""
+        if "data" not in table.columns:
+            table = table.assign(data=self.data.kind)
         path = self.tables / f"{name}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: f.write(table.to_csv(index=False).encode()))

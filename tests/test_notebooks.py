@@ -118,7 +118,9 @@ def test_ablation_and_analysis_tables_are_complete_and_finite(executed):
     sweep = pd.read_csv(tables / "04-predictability.csv")
     assert set(sweep["setting"]) == {"language_vision", "kt"} and sweep["variant"].nunique() == 4
     recon = pd.read_csv(tables / "05-reconstruction.csv")
-    assert len(recon) == 3 and np.isfinite(recon.drop(columns="reconstruction").to_numpy(dtype=float)).all()
+    assert len(recon) == 3 and np.isfinite(recon.drop(columns=["reconstruction", "data"]).to_numpy(dtype=float)).all()
+    for table in tables.glob("*.csv"):  # every table says which data it comes from
+        assert set(pd.read_csv(table)["data"]) == {"synthetic (simulator)"}, table.name
     claims = pd.read_csv(tables / "06-claims.csv")
     assert claims["verdict"].notna().all() and np.isfinite(claims["gain"]).all()
 
