@@ -27,9 +27,9 @@ import torch
 from .data import MultimodalData, make_loader
 from .model import KTModel
 
-NAMES = {"f_a": "f_A (real audio)", "f_a_hat": "f'_A (reconstructed)", "theta_v": "θ(f_V) (from vision)",
-         "phi_l": "φ(f_L) (from language)"}
-RECONSTRUCTIONS = ("f_a_hat", "theta_v", "phi_l")
+NAMES = {"f_a": "f_A (real audio)", "f_a_hat": "f'_A (reconstructed)", "a_from_v": "θ(f_V) (from vision)",
+         "a_from_l": "φ(f_L) (from language)"}
+RECONSTRUCTIONS = ("f_a_hat", "a_from_v", "a_from_l")
 
 
 @dataclass

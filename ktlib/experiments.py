@@ -8,6 +8,9 @@ the same functions, so a result is read back from the run store, never trained t
   from vision and language (the simulator's ``audio_predictability``); simulator only.
 - :func:`paired_differences` and :func:`claims`: kt against language+vision seed by seed, and which of the paper's
   claims a set of runs supports.
+- :func:`robustness_runs` and :func:`auilc_table` (beyond the paper): MulT on zero-filled inputs, knowledge
+  transfer for any missing modality (``kt_any``) and a MITR-DNet-style distillation student, scored under the
+  missing-data protocols of :mod:`ktlib.missing` at every rate; the area under each metric-vs-rate curve.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from dataclasses import replace
 import numpy as np
 import pandas as pd
 
-from .data import MultimodalData, load_simulated
+from .data import MultimodalData, atomic_write, load_simulated
 from .metrics import LOWER_IS_BETTER
+from .missing import RATES, Protocol, auilc
 from .model import SETTINGS  # the five settings of Tables I-III
-from .runs import plan, read_jobs, run_jobs, train_missing
+from .runs import Job, Run, default_runs_dir, plan, read_jobs, run_id, run_jobs, train_missing
 
 # Ablation families: label -> ModelConfig overrides of the kt model.  The default kt model is in each family.
 CONSISTENCY = {"L2": {}, "L1": {"consistency": "l1"}}  # Table V
@@ -153,3 +157,115 @@ def predictions(tidy: pd.DataFrame, data: MultimodalData, seed: int, split: str 
         out[setting] = evaluate(model, make_loader(data, split, 64, shuffle=False, missing=missing),
                                 torch.device("cpu"))[2]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Robustness to missing data (beyond the paper)
+
+# Method label -> (setting, TrainConfig overrides).  The distillation student's teacher is the MulT model trained
+# on complete data with the same seed; it sees complete batches in training only.
+METHODS = {
+    "MulT (zero-fill)": ("full", {}),
+    "kt (any modality)": ("kt_any", {"train_drop": "subsets"}),
+    "distillation": ("full", {"train_drop": "subsets", "distill_pred": 1.0, "distill_rep": 1.0}),
+}
+# Fixed missing patterns, by what is absent: one modality, then two (what remains is the third).
+FIXED = (("a",), ("v",), ("l",), ("a", "v"), ("l", "a"), ("l", "v"))
+MASK_SEED = 0  # every model is scored on the same test masks; the spread over seeds is the training seeds'
+
+
+def _protocols(kind: str, phase: str, rates) -> list[Protocol]:
+    if kind == "fixed":
+        return [Protocol("fixed", modalities=m, phase=phase, seed=MASK_SEED) for m in FIXED]
+    return [Protocol(kind, rate=float(r), phase=phase, seed=MASK_SEED) for r in rates]
+
+
+def _level(protocol: Protocol) -> str:
+    return "+".join(protocol.modalities) if protocol.kind == "fixed" else f"{protocol.rate:g}"
+
+
+def robustness_jobs(data: MultimodalData, seeds, profile_name: str, method: str,
+                    protocol: Protocol | None = None) -> list[Job]:
+    """One job per seed of ``method`` trained under ``protocol`` (None or a test-only one: complete training data)."""
+    setting, train = METHODS[method]
+    trained = protocol if protocol is not None and protocol.applies_to("train") else None
+    if trained is not None and trained.kind != "fixed" and trained.rate == 0:
+        trained = None  # nothing is missing: the same run as complete training data
+    jobs = []
+    for seed in seeds:
+        job = plan(data, [setting], [seed], profile_name)[0]
+        overrides = dict(train, protocol=trained)
+        if train.get("distill_pred") or train.get("distill_rep"):
+            teacher = plan(data, ["full"], [seed], profile_name)[0]
+            jobs.append(teacher)
+            overrides["teacher"] = run_id(teacher.model, teacher.train, data)
+        job.train = replace(job.train, **overrides)
+        job.variant = method
+        jobs.append(job)
+    return jobs
+
+
+def score(run: Run, data: MultimodalData, protocol: Protocol, batch_size: int = 64) -> dict:
+    """Test metrics of a finished run under ``protocol`` (missing at test), cached in the run's folder."""
+    import json
+
+    import torch
+
+    from .train import eval_loader, evaluate
+
+    cache = run.dir / "scores.json"
+    scores = json.loads(cache.read_text()) if cache.exists() else {}
+    key = f"{protocol.name}-seed{protocol.seed}"
+    if key not in scores:
+        model = run.load_model()
+        loader = eval_loader(data, "test", batch_size, model.cfg.setting, protocol)
+        loss, metrics, _ = evaluate(model, loader, torch.device("cpu"), protocol=protocol, split="test")
+        scores[key] = {"loss": loss, **metrics}
+        atomic_write(cache, lambda f: f.write(json.dumps(scores, indent=2, sort_keys=True).encode()))
+    return scores[key]
+
+
+def robustness_runs(data: MultimodalData, seeds, profile_name: str, kinds=("fixed", "modality", "frame"),
+                    phase: str = "test", rates=RATES, methods=tuple(METHODS), workers: int | None = None,
+                    progress: bool = True) -> pd.DataFrame:
+    """Every method under every protocol of ``kinds`` and ``phase`` at every rate, over the seeds: a tidy table.
+
+    ``phase="test"``: each method is trained once per seed on complete data (kt and the student simulate missing
+    modalities themselves) and scored at every rate.  ``phase="train_test"``: one training run per rate, missing at
+    train and test alike.  Columns: method, kind, phase, level (the rate, or the absent modalities for "fixed"),
+    rate, seed, metric, value, data, run.
+    """
+    if phase not in ("test", "train_test"):
+        raise ValueError(f"phase must be 'test' or 'train_test', got {phase!r}")
+    cells = [(method, protocol) for kind in kinds for protocol in _protocols(kind, phase, rates) for method in methods]
+    jobs = {(m, p): [j for j in robustness_jobs(data, seeds, profile_name, m, p) if j.variant == m] for m, p in cells}
+    teachers = [j for m, p in cells for j in robustness_jobs(data, seeds, profile_name, m, p) if j.variant != m]
+    train_missing(teachers + [j for js in jobs.values() for j in js], progress=progress, workers=workers)
+    rows = []
+    for (method, protocol), js in jobs.items():
+        for job in js:
+            run = Run.load(default_runs_dir() / run_id(job.model, job.train, data))
+            trained_under = job.train.protocol is not None and job.train.protocol.kind != "none"
+            metrics = run.metrics["test"] if trained_under else score(run, data, protocol)
+            rows += [{"method": method, "kind": protocol.kind, "phase": phase, "level": _level(protocol),
+                      "rate": protocol.rate if protocol.kind != "fixed" else np.nan, "seed": job.train.seed,
+                      "metric": metric, "value": value, "data": data.kind, "run": run.id}
+                     for metric, value in metrics.items()]
+    return pd.DataFrame(rows)
+
+
+def auilc_table(tidy: pd.DataFrame, metrics=("mae", "corr", "acc2_non0", "f1_non0", "acc7")) -> pd.DataFrame:
+    """AUILC (area under the metric-vs-rate curve over the rates run, per unit rate) per method, kind and phase:
+    mean and population std over seeds.  Fixed-pattern rows are left out (they have no rate).
+
+    A correlation is undefined for constant predictions (e.g. every frame dropped at r = 1); it counts as 0 here,
+    no linear relation, so that the curve has a value at every rate.
+    """
+    part = tidy[(tidy["kind"] != "fixed") & tidy["metric"].isin(metrics)].copy()
+    part.loc[(part["metric"] == "corr") & part["value"].isna(), "value"] = 0.0
+    per_seed = (part.groupby(["data", "method", "kind", "phase", "metric", "seed"], sort=False)
+                .apply(lambda g: auilc(g["rate"].to_numpy(), g["value"].to_numpy()), include_groups=False)
+                .rename("auilc").reset_index())
+    out = per_seed.groupby(["data", "method", "kind", "phase", "metric"], sort=False)["auilc"].agg(
+        mean="mean", std=lambda v: float(np.std(v)), seeds="count")
+    return out.reset_index()

@@ -316,6 +316,27 @@ def modality_presence(n: int, rate: float, seed: SeedLike | np.random.Generator)
     return ~missing
 
 
+def subset_presence(n: int, seed: SeedLike | np.random.Generator) -> np.ndarray:
+    """(n, 3) bool in (l, a, v) order: each row one of the 7 non-empty subsets of the modalities, uniformly.
+
+    Training-time simulation for models that must handle any subset (``TrainConfig.train_drop="subsets"``): each
+    modality is then missing with probability 3/7 and each of the 7 patterns a test sample can have is seen
+    equally often.
+    """
+    n = _check_n(n)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(_seed_words(seed))
+    code = rng.integers(1, 2 ** len(MODALITIES), size=n)  # 1..7, the bits of a non-empty subset
+    return (code[:, None] >> np.arange(len(MODALITIES))[None, :]) & 1 == 1
+
+
+def narrow(present: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``present & keep`` row by row, except that a row left with nothing keeps ``present`` (one modality at least)."""
+    both = present & keep
+    empty = ~both.any(axis=1)
+    both[empty] = present[empty]
+    return both
+
+
 def expected_modality_missing_rate(rate: float) -> float:
     """Expected share of missing (sample, modality) entries under :func:`modality_presence`: ``r - r**3 / 3``.
 

@@ -55,13 +55,16 @@ from torch import nn
 from .specs import MODALITIES, Layout, get_layout
 
 SETTINGS = ("full", "vision_only", "language_only", "language_vision", "kt")
+EXTRA_SETTINGS = ("kt_any",)  # beyond the paper: knowledge transfer for any missing modality
 SETTING_INPUTS = {  # which modality slots the backbone fuses; in kt the audio slot holds f'_A
     "full": ("l", "a", "v"),
     "vision_only": ("v",),
     "language_only": ("l",),
     "language_vision": ("l", "v"),
     "kt": ("l", "a", "v"),
+    "kt_any": ("l", "a", "v"),
 }
+KT_SETTINGS = {"kt": ("a",), "kt_any": ("l", "a", "v")}  # settings with knowledge transfer -> reconstructed targets
 
 
 def _per_modality(l, a, v) -> dict[str, int | float]:
@@ -108,7 +111,8 @@ class ModelConfig:
     def __post_init__(self):
         self.targets = tuple(self.targets)
         checks = [
-            (self.setting in SETTINGS, f"setting must be one of {SETTINGS}, got {self.setting!r}"),
+            (self.setting in SETTINGS + EXTRA_SETTINGS, f"setting must be one of {SETTINGS + EXTRA_SETTINGS}, got "
+                                                         f"{self.setting!r}"),
             (self.task in ("regression", "classification"), f"task must be regression or classification, got "
                                                             f"{self.task!r}"),
             (len(self.targets) > 0 and set(self.targets) <= set(MODALITIES) and len(set(self.targets)) ==
@@ -412,73 +416,115 @@ def consistency_loss(pred: torch.Tensor, target: torch.Tensor, frame_mask: torch
     return (err * weight).sum() / (weight.sum() * err.shape[-1]).clamp_min(1.0)
 
 
-class KnowledgeTransfer(nn.Module):
-    """Eq. 1-2: reconstruct the audio representation from vision (theta) and language (phi), fuse them (delta).
+KT_SOURCES = {"a": ("v", "l"), "v": ("l", "a"), "l": ("v", "a")}  # target -> (theta's source, phi's source)
 
-    Inputs are the projected sequences (B, T_m, d).  Returns a dict with f_l, f_v, theta_v = theta(f_V),
-    phi_l = phi(f_L), f_a_hat = f'_A (B, T_a', d) and its padding mask; with real audio also f_a and the two
-    consistency losses.
+
+class Reconstruction(nn.Module):
+    """Eq. 1-2 for one target modality t: theta (first source -> t) and phi (second source -> t) reconstruct t's
+    representation, delta fuses ``[theta(f_s1) || phi(f_s2)]`` into f'_t.  For the audio (the paper) the sources
+    are vision (theta) and language (phi); ``KT_SOURCES`` lists them for every target.
+
+    ``use`` ({source: (B,) bool}, optional) says per sample which sources may be used: the reconstruction from an
+    unusable source is zeroed before delta and its frames count as padding, so f'_t of that sample comes from the
+    other source alone.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, target: str):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.target, self.sources = cfg, target, KT_SOURCES[target]
         d, h = cfg.d, cfg.heads
         drop = dict(relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout, embed_dropout=cfg.embed_dropout,
-                    attn_impl=cfg.attn_impl, attn_dropout_on=cfg.attn_dropout_on)
-
-        def encoder(m):  # modality encoder giving f_m (identity when kt_encoder_layers == 0)
-            if cfg.kt_encoder_layers == 0:
-                return nn.Identity()
-            return TransformerEncoder(d, h, cfg.kt_encoder_layers, attn_dropout=cfg.attn_dropout[m], **drop)
-
-        self.enc_l, self.enc_v, self.enc_a = encoder("l"), encoder("v"), encoder("a")
-        a_drop = cfg.attn_dropout["a"]
-        self.theta = TransformerEncoder(d, h, cfg.kt_layers, attn_dropout=a_drop, **drop)  # (V) -> A
-        self.phi = TransformerEncoder(d, h, cfg.kt_layers, attn_dropout=a_drop, **drop)  # (L) -> A
+                    attn_dropout=cfg.attn_dropout[target], attn_impl=cfg.attn_impl,
+                    attn_dropout_on=cfg.attn_dropout_on)
+        self.theta = TransformerEncoder(d, h, cfg.kt_layers, **drop)  # (first source) -> t
+        self.phi = TransformerEncoder(d, h, cfg.kt_layers, **drop)  # (second source) -> t
         if cfg.kt_concat == "feature":
             self.fuse_in = nn.Linear(2 * d, d)  # [theta || phi] along features: (B, T, 2d) -> (B, T, d)
         else:
             self.segment = nn.Parameter(torch.zeros(2, d))  # tells the two halves apart along time
             nn.init.normal_(self.segment, std=0.02)
-        self.delta = TransformerEncoder(d, h, cfg.kt_layers, attn_dropout=a_drop, **drop)
+        self.delta = TransformerEncoder(d, h, cfg.kt_layers, **drop)
 
-    def _encode(self, enc, x, mask):
-        return x if isinstance(enc, nn.Identity) else enc(x, x_mask=mask)[0]
-
-    def _transfer(self, net, f_src, mask_src, t_a):
+    def _transfer(self, net, f_src, mask_src, t_len):
         if self.cfg.time_axis == "source":
             return net(f_src, x_mask=mask_src)[0], mask_src  # (B, T_src, d) on the source's time axis
-        queries = f_src.new_zeros(f_src.shape[0], t_a, f_src.shape[2])  # position codes only, added inside
-        return net(queries, source=f_src, source_mask=mask_src)[0], None  # (B, T_a, d)
+        queries = f_src.new_zeros(f_src.shape[0], t_len, f_src.shape[2])  # position codes only, added inside
+        return net(queries, source=f_src, source_mask=mask_src)[0], None  # (B, T_t, d)
 
-    def forward(self, x_l, mask_l, x_v, mask_v, x_a=None, mask_a=None, audio_rows=None):
-        cfg = self.cfg
-        t_a = cfg.seq_lens["a"]
-        f_l = self._encode(self.enc_l, x_l, mask_l)  # (B, T_l, d)
-        f_v = self._encode(self.enc_v, x_v, mask_v)  # (B, T_v, d)
-        theta_v, mask_hat = self._transfer(self.theta, f_v, mask_v, t_a)  # (B, T_a', d)  (V) -> A
-        phi_l, mask_hat_l = self._transfer(self.phi, f_l, mask_l, t_a)  # (B, T_a', d)  (L) -> A
-        if mask_hat is not None:
-            mask_hat = mask_hat & mask_hat_l  # a frame is padding only if both sources are padding there
-        if cfg.kt_concat == "feature":
-            f_a_hat = self.delta(self.fuse_in(torch.cat([theta_v, phi_l], -1)), x_mask=mask_hat)[0]  # (B, T_a', d)
+    def forward(self, f: dict, masks: dict, use: dict | None = None) -> dict:
+        t_len = self.cfg.seq_lens[self.target]
+        recs, rec_masks = [], []
+        for net, s in zip((self.theta, self.phi), self.sources):
+            rec, mask = self._transfer(net, f[s], masks[s], t_len)
+            recs.append(rec)
+            if use is not None:  # an unusable source gives nothing to delta
+                mask = None if mask is None else mask | ~use[s][:, None]
+            rec_masks.append(mask)
+        fused_in = recs if use is None else [r * use[s][:, None, None].to(r.dtype) for r, s in zip(recs, self.sources)]
+        mask_hat = None if rec_masks[0] is None else rec_masks[0] & rec_masks[1]  # padding only where both are
+        if self.cfg.kt_concat == "feature":
+            f_hat = self.delta(self.fuse_in(torch.cat(fused_in, -1)), x_mask=mask_hat)[0]  # (B, T_t', d)
         else:
-            both = torch.cat([theta_v + self.segment[0], phi_l + self.segment[1]], 1)  # (B, 2 T_a', d)
-            both_mask = None if mask_hat is None else torch.cat([mask_hat, mask_hat], 1)
+            both = torch.cat([fused_in[0] + self.segment[0], fused_in[1] + self.segment[1]], 1)  # (B, 2 T_t', d)
+            both_mask = None if mask_hat is None else torch.cat(rec_masks, 1)
             fused = self.delta(both, x_mask=both_mask)[0]
-            f_a_hat = 0.5 * (fused[:, :t_a] + fused[:, t_a:])  # (B, T_a', d): the two halves averaged
-        out = {"f_l": f_l, "f_v": f_v, "theta_v": theta_v, "phi_l": phi_l, "f_a_hat": f_a_hat, "mask_a_hat": mask_hat}
-        if x_a is not None:  # training: the real audio supervises the reconstruction
-            f_a = self._encode(self.enc_a, x_a, mask_a)  # (B, T_a, d)
-            if cfg.kt_target == "frozen":
-                f_a = f_a.detach()
-            frames = ~mask_a  # (B, T_a) real audio frames
-            if audio_rows is not None:
-                frames = frames & audio_rows[:, None]  # only samples whose audio is present
-            out["f_a"] = f_a
-            out["loss_va"] = consistency_loss(theta_v, f_a, frames, cfg.consistency)
-            out["loss_la"] = consistency_loss(phi_l, f_a, frames, cfg.consistency)
+            f_hat = 0.5 * (fused[:, :t_len] + fused[:, t_len:])  # (B, T_t', d): the two halves averaged
+        out = {f"{self.target}_from_{s}": rec for s, rec in zip(self.sources, recs)}
+        out[f"f_{self.target}_hat"], out[f"mask_{self.target}_hat"] = f_hat, mask_hat
+        return out
+
+
+class KnowledgeTransfer(nn.Module):
+    """Modality encoders giving f_L, f_V, f_A and one :class:`Reconstruction` per target modality.
+
+    The paper's network is ``targets=("a",)``: theta: V -> A, phi: L -> A, delta fuses them into f'_A.  With
+    ``targets=("l", "a", "v")`` (setting ``kt_any``) every modality can be rebuilt from the other two.
+
+    ``forward(x, masks, use=None, real=None)`` takes the projected sequences (B, T_m, d) and their padding masks.
+    ``use`` ({m: (B,) bool}) marks per sample the sources that may be used.  Returns a dict with f_m, the
+    reconstructions ``<t>_from_<s>`` = theta/phi(f_s) (e.g. ``a_from_v`` = theta(f_V)), ``f_<t>_hat`` = f'_t and
+    ``mask_<t>_hat``.  With ``real`` ({t: (B,) bool}, training only) also f_t of the real target and the
+    consistency losses ``loss_<s><t>`` (``loss_va`` = l_c(theta(f_V), f_A), eq. 1), over the real frames of
+    samples where both the target and the source are real.
+    """
+
+    def __init__(self, cfg: ModelConfig, targets: tuple[str, ...] = ("a",)):
+        super().__init__()
+        self.cfg = cfg
+
+        def encoder(m):  # modality encoder giving f_m (identity when kt_encoder_layers == 0)
+            if cfg.kt_encoder_layers == 0:
+                return nn.Identity()
+            return TransformerEncoder(cfg.d, cfg.heads, cfg.kt_encoder_layers, attn_dropout=cfg.attn_dropout[m],
+                                      relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout,
+                                      embed_dropout=cfg.embed_dropout, attn_impl=cfg.attn_impl,
+                                      attn_dropout_on=cfg.attn_dropout_on)
+
+        self.enc_l, self.enc_v, self.enc_a = encoder("l"), encoder("v"), encoder("a")
+        self.recon = nn.ModuleDict({t: Reconstruction(cfg, t) for t in targets})
+
+    def encode(self, m: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        enc = getattr(self, f"enc_{m}")
+        return x if isinstance(enc, nn.Identity) else enc(x, x_mask=mask)[0]
+
+    def forward(self, x: dict, masks: dict, use: dict | None = None, real: dict | None = None,
+                targets: tuple[str, ...] | None = None) -> dict:
+        targets = tuple(self.recon) if targets is None else targets
+        sources = {s for t in targets for s in KT_SOURCES[t]}
+        f = {m: self.encode(m, x[m], masks[m]) for m in MODALITIES if m in sources}  # (B, T_m, d)
+        out = {f"f_{m}": f[m] for m in f}
+        for t in targets:
+            out.update(self.recon[t](f, masks, use))
+        if real is None:
+            return out
+        for t in targets:  # training: the real target supervises the reconstructions
+            f_t = self.encode(t, x[t], masks[t])  # (B, T_t, d)
+            if self.cfg.kt_target == "frozen":
+                f_t = f_t.detach()
+            out[f"f_{t}"] = f_t
+            for s in KT_SOURCES[t]:
+                frames = ~masks[t] & (real[t] & real[s])[:, None]  # (B, T_t): real target frames, real source
+                out[f"loss_{s}{t}"] = consistency_loss(out[f"{t}_from_{s}"], f_t, frames, self.cfg.consistency)
         return out
 
 
@@ -535,52 +581,87 @@ class MulTBackbone(nn.Module):
 
 
 class KTModel(nn.Module):
-    """The model of every setting: projections, the knowledge-transfer network (setting ``kt``), the backbone.
+    """The model of every setting: projections, the knowledge-transfer network (``kt``, ``kt_any``), the backbone.
 
     ``forward(batch)`` takes a batch from :func:`ktlib.data.make_loader` (keys l, a, v, mask_l, mask_a, mask_v,
     present) and returns the prediction: (B, 1) for regression, (B, 4, 2) logits for IEMOCAP.  With
     ``return_details=True`` it returns ``(prediction, details)``: the knowledge-transfer pieces (f_a, f_a_hat,
-    theta_v, phi_l, the consistency losses), the pooled representation and, with ``need_weights=True``, the
-    attention weights of every block.
+    a_from_v = theta(f_V), a_from_l = phi(f_L), the consistency losses), the pooled representation and, with
+    ``need_weights=True``, the attention weights of every block.
 
-    The audio tensor is read only where it is used: in ``full``, and in ``kt`` training for the consistency target.
+    Missing inputs.  ``present`` (B, 3) marks the modalities a sample has; an optional ``keep`` (B, 3) narrows
+    what the model may use (training simulates missing modalities with it, while the real ones still supervise
+    the reconstructions).  A modality that is not used is never read: its rows are replaced by zeros marked as
+    padding (MulT "zero-fill"), whatever the batch holds there.  In ``kt_any`` they are replaced by their
+    reconstruction from the modalities that are used.
+
+    The audio tensor is read only where it is used: in ``full`` and ``kt_any`` where it is present, and in ``kt``
+    training for the consistency target.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        needed = set(cfg.inputs) | ({"l", "v", "a"} if cfg.setting == "kt" else set())
+        reconstructs = cfg.setting in KT_SETTINGS
+        needed = set(MODALITIES) if reconstructs else set(cfg.inputs)
         self.proj = nn.ModuleDict({m: ModalityProjection(cfg.feature_dims[m], cfg.d, cfg.kernels[m])
                                    for m in MODALITIES if m in needed})
-        self.kt = KnowledgeTransfer(cfg) if cfg.setting == "kt" else None
+        self.kt = KnowledgeTransfer(cfg, KT_SETTINGS[cfg.setting]) if reconstructs else None
         self.backbone = MulTBackbone(cfg)
 
     def reads_audio(self) -> bool:
-        """Whether a forward pass in the current mode reads the batch's audio."""
-        return self.cfg.setting == "full" or (self.cfg.setting == "kt" and self.training)
+        """Whether a forward pass in the current mode reads the batch's audio (where it is present)."""
+        return self.cfg.setting in ("full", "kt_any") or (self.cfg.setting == "kt" and self.training)
 
-    def _project(self, batch, m):
-        x = batch[m]
+    def _project(self, batch, m, use=None):
+        """(B, T_m, d) projection of modality m and its padding mask; rows where ``use`` is False are zeros."""
+        x, mask = batch[m], batch[f"mask_{m}"]
+        if use is not None and not bool(use.all()):
+            x = torch.where(use[:, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+            mask = mask | ~use[:, None]
         if m == "l":
             x = F.dropout(x, self.cfg.text_dropout, self.training)
-        return self.proj[m](x)  # (B, T_m, d)
+        return self.proj[m](x), mask
+
+    def usable(self, batch) -> dict[str, torch.Tensor]:
+        """{m: (B,) bool}: the modalities each sample may use, ``present`` narrowed by ``keep``."""
+        b = len(batch["y"]) if "y" in batch else batch["l"].shape[0]
+        present = batch.get("present")
+        use = torch.ones(b, len(MODALITIES), dtype=torch.bool, device=batch["l"].device) if present is None \
+            else present.bool()
+        if "keep" in batch:
+            use = use & batch["keep"].bool()
+        return {m: use[:, j] for j, m in enumerate(MODALITIES)}
 
     def forward(self, batch: dict[str, torch.Tensor], return_details: bool = False, need_weights: bool = False):
         cfg = self.cfg
+        use = self.usable(batch)
         seqs, masks, details = {}, {}, {}
-        for m in cfg.inputs:
-            if m == "a" and cfg.setting == "kt":
-                continue  # filled with the reconstruction below
-            seqs[m], masks[m] = self._project(batch, m), batch[f"mask_{m}"]
-        if cfg.setting == "kt":
-            x_l = seqs["l"]
-            x_v = seqs["v"]
-            x_a = mask_a = rows = None
-            if self.training:  # audio supervises the reconstruction; never read at inference
-                x_a, mask_a = self._project(batch, "a"), batch["mask_a"]
-                rows = batch["present"][:, MODALITIES.index("a")] if "present" in batch else None
-            details = self.kt(x_l, masks["l"], x_v, masks["v"], x_a, mask_a, rows)
+        if cfg.setting == "kt":  # the paper: l, v as given, the audio slot always holds f'_A
+            for m in ("l", "v"):
+                seqs[m], masks[m] = self._project(batch, m, use[m])
+            real = None
+            if self.training:  # the audio supervises the reconstruction; never read at inference
+                seqs["a"], masks["a"] = self._project(batch, "a")
+                real = self._real(batch)
+            details = self.kt(seqs, masks, use, real)
             seqs["a"], masks["a"] = details["f_a_hat"], details["mask_a_hat"]
+        elif cfg.setting == "kt_any":  # every modality a sample lacks is rebuilt from those it has
+            for m in MODALITIES:
+                present = self._real(batch)[m] if self.training else use[m]
+                seqs[m], masks[m] = self._project(batch, m, present)
+            real = self._real(batch) if self.training else None
+            lacking = tuple(m for m in MODALITIES if self.training or not bool(use[m].all()))
+            details = self.kt(seqs, masks, use, real, targets=lacking)
+            for m in lacking:
+                hat, mask_hat = details[f"f_{m}_hat"], details[f"mask_{m}_hat"]
+                if mask_hat is None:  # queries time axis: every reconstructed frame is real
+                    mask_hat = torch.zeros(hat.shape[:2], dtype=torch.bool, device=hat.device)
+                seqs[m] = torch.where(use[m][:, None, None], seqs[m], hat.to(seqs[m].dtype))
+                masks[m] = torch.where(use[m][:, None], masks[m], mask_hat)
+        else:
+            for m in cfg.inputs:
+                seqs[m], masks[m] = self._project(batch, m, use[m])
         out, pooled, weights = self.backbone(seqs, masks, need_weights)
         if cfg.task == "classification":
             out = out.view(-1, 4, 2)  # (B, 4 emotions, no/yes)
@@ -591,6 +672,10 @@ class KTModel(nn.Module):
             details["attention"] = weights
         return out, details
 
+    def _real(self, batch) -> dict[str, torch.Tensor]:
+        """{m: (B,) bool}: the modalities whose real features a sample carries (``present``; all without it)."""
+        return self.usable({k: v for k, v in batch.items() if k != "keep"})
+
     @torch.no_grad()
     def audio_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """f_A of the batch's real audio (B, T_a, d): what the reconstruction is trained to match.
@@ -599,13 +684,18 @@ class KTModel(nn.Module):
         """
         if self.kt is None:
             raise ValueError(f"setting {self.cfg.setting!r} has no knowledge-transfer network; use a 'kt' model")
-        return self.kt._encode(self.kt.enc_a, self.proj["a"](batch["a"]), batch["mask_a"])
+        return self.kt.encode("a", self.proj["a"](batch["a"]), batch["mask_a"])
 
     def consistency_term(self, details: dict) -> torch.Tensor:
-        """lambda1 * L_c(V->A) + lambda2 * L_c(L->A) of eq. 6 (zero when there is nothing to compare)."""
-        if "loss_va" not in details:
-            return torch.zeros((), device=next(self.parameters()).device)
-        return self.cfg.lambda1 * details["loss_va"] + self.cfg.lambda2 * details["loss_la"]
+        """lambda1 * L_c(V->A) + lambda2 * L_c(L->A) of eq. 6 (zero when there is nothing to compare).
+
+        In ``kt_any`` the sum runs over every target: lambda1 weighs theta's loss and lambda2 phi's.
+        """
+        total = torch.zeros((), device=next(self.parameters()).device)
+        for t, (s1, s2) in KT_SOURCES.items():
+            if f"loss_{s1}{t}" in details:
+                total = total + self.cfg.lambda1 * details[f"loss_{s1}{t}"] + self.cfg.lambda2 * details[f"loss_{s2}{t}"]
+        return total
 
     def load_audio_encoder(self, other: KTModel) -> None:
         """Take the audio side of the consistency target from a trained model.

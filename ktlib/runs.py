@@ -109,7 +109,14 @@ def load_or_train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: Multimod
     folder.mkdir(parents=True, exist_ok=True)
     config = {"model": model_cfg.to_dict(), "train": asdict(train_cfg), "data": data_descriptor(data)}
     _write_json(folder / "config.json", config)
-    result = fit(model_cfg, train_cfg, data, run_dir=folder, progress=progress)
+    teacher = None
+    if train_cfg.teacher:  # distillation: the teacher is a finished run of the same store
+        source = folder.parent / train_cfg.teacher
+        if not (source / "metrics.json").exists():
+            raise FileNotFoundError(f"the teacher run {train_cfg.teacher} is not finished in {folder.parent}; train "
+                                    f"it first (train_missing orders teachers before their students)")
+        teacher = Run.load(source).load_model()
+    result = fit(model_cfg, train_cfg, data, run_dir=folder, progress=progress, teacher=teacher)
     save_checkpoint(folder / "model.pt", result.model, metrics=result.metrics)
     pd.DataFrame(result.history).to_csv(folder / "history.csv", index=False)
     _write_json(folder / "environment.json", environment())
@@ -199,7 +206,12 @@ def train_missing(jobs: list[Job], runs_dir: str | Path | None = None, force: bo
         if not (folder / rid / "metrics.json").exists():
             todo[rid] = job
     workers = default_workers() if workers is None else workers
-    parallel = [job for job in todo.values() if job.data.path is not None]
+    for students in (False, True):  # distillation students after the teachers they need
+        _train_round([j for j in todo.values() if bool(j.train.teacher) == students], folder, progress, workers)
+
+
+def _train_round(jobs: list[Job], folder: Path, progress: bool, workers: int) -> None:
+    parallel = [job for job in jobs if job.data.path is not None]
     if workers > 1 and len(parallel) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -215,7 +227,7 @@ def train_missing(jobs: list[Job], runs_dir: str | Path | None = None, force: bo
             for fut in tqdm(as_completed(futures), total=len(futures), desc=f"{len(futures)} runs, {workers} workers",
                             disable=not progress, leave=False):
                 fut.result()  # a failed run raises here, with its worker's error
-    for job in todo.values():  # what no worker took (e.g. data built in memory), in this process
+    for job in jobs:  # what no worker took (e.g. data built in memory), in this process
         load_or_train(job.model, job.train, job.data, folder, progress=progress)
 
 

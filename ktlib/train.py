@@ -9,6 +9,17 @@
 - Checkpoints after every epoch hold the model, optimiser, scheduler, random state and history, so a run that is
   killed resumes from its last finished epoch and ends where an uninterrupted run would (on the CPU).
 - Profiles (``smoke`` / ``quick`` / ``paper``) are named bundles of model and training settings: see ``PROFILES``.
+
+Missing data beyond the paper (``TrainConfig``)
+- ``protocol``: a :class:`ktlib.missing.Protocol`.  Its validation and test masks select and score the model; a
+  ``train_test`` protocol also masks the model's training inputs, drawn afresh each epoch.  Training batches are
+  read complete and narrowed with a ``keep`` matrix (see :class:`ktlib.model.KTModel`), so the real modalities a
+  sample lacks can still supervise a reconstruction or feed a teacher, as in the systems that use this protocol.
+- ``train_drop="subsets"``: each training sample uses one of the 7 non-empty subsets of its modalities, uniformly
+  (models meant to work with any subset: ``kt_any`` and the distillation student).
+- Distillation (MITR-DNet style): ``distill_pred`` and ``distill_rep`` weigh the squared distance of the
+  student's prediction and pooled representation to those of a teacher (a finished run of the store named by
+  ``teacher``) that sees the complete batch.  The teacher is used in training only.
 """
 
 from __future__ import annotations
@@ -24,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as M
-from .data import MultimodalData, atomic_write, make_loader, sha256sum
+from .data import MultimodalData, atomic_write, make_loader, presence_matrix, sha256sum
+from .missing import Protocol, narrow, subset_presence
 from .model import KTModel, ModelConfig
 
 # Settings whose inputs at test time have no audio; their validation and test batches are built without it.
@@ -46,8 +58,28 @@ class TrainConfig:
     seed: int = 1
     device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda
     amp: bool = True  # bfloat16 autocast on CUDA (ignored on the CPU)
+    # missing data (module docstring)
+    protocol: Protocol | dict | None = None  # missing-data protocol for validation / test (and training)
+    train_drop: str = "none"  # none | subsets: simulate missing modalities in training
+    distill_pred: float = 0.0  # weight of ||student prediction - teacher prediction||^2
+    distill_rep: float = 0.0  # weight of ||student pooled representation - teacher's||^2
+    teacher: str = ""  # run id of the teacher in the same run store (needed when a distill weight is > 0)
 
     def __post_init__(self):
+        if isinstance(self.protocol, dict):
+            self.protocol = Protocol(**{**self.protocol, "modalities": tuple(self.protocol.get("modalities", ()))})
+        if self.protocol is not None and not isinstance(self.protocol, Protocol):
+            raise ValueError(f"protocol must be a ktlib.missing.Protocol or None, got {type(self.protocol).__name__}")
+        if self.train_drop not in ("none", "subsets"):
+            raise ValueError(f"train_drop must be 'none' or 'subsets', got {self.train_drop!r}")
+        for name in ("distill_pred", "distill_rep"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if (self.distill_pred > 0 or self.distill_rep > 0) != bool(self.teacher):
+            raise ValueError("distillation needs both a teacher run id (teacher=...) and a weight > 0 "
+                             f"(distill_pred={self.distill_pred}, distill_rep={self.distill_rep}, "
+                             f"teacher={self.teacher!r})")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -115,12 +147,30 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def eval_loader(data: MultimodalData, split: str, batch_size: int, setting: str,
+                protocol: Protocol | None = None):
+    """The loader a model of ``setting`` is selected and scored on: no audio where the setting has none at test
+    time, and the protocol's missing modalities (never read).  Frame-level missing acts in :func:`evaluate`."""
+    n = len(data[split])
+    present = presence_matrix(n, ("a",) if setting in AUDIO_FREE_AT_TEST else ())
+    if protocol is not None:
+        present = present & protocol.presence(n, split)
+    return make_loader(data, split, batch_size, shuffle=False, missing=present)
+
+
 @torch.no_grad()
-def evaluate(model: KTModel, loader, device: torch.device, amp: bool = False) -> tuple[float, dict, np.ndarray]:
-    """Mean task loss, metrics and predictions over a loader (model in eval mode)."""
+def evaluate(model: KTModel, loader, device: torch.device, amp: bool = False, protocol: Protocol | None = None,
+             split: str = "test") -> tuple[float, dict, np.ndarray]:
+    """Mean task loss, metrics and predictions over a loader (model in eval mode).
+
+    With a frame-level ``protocol``, each batch of ``split`` has its frames dropped first (the same frames for
+    every model: the draws are keyed on the sample index).
+    """
     model.eval()
     total, count, preds, ys = 0.0, 0, [], []
     for batch in loader:
+        if protocol is not None:
+            batch = protocol.apply_batch(batch, split)[0]
         batch = _to(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             out = model(batch)
@@ -166,9 +216,42 @@ class FitResult:
     metrics: dict  # {"valid": {...}, "test": {...}, "best_epoch": int, "seconds": float, "device": str}
 
 
+def train_keep(train_cfg: TrainConfig, n: int, epoch: int) -> np.ndarray | None:
+    """(n, 3) bool: the modalities each training sample may use in ``epoch`` (None: all it has).
+
+    A ``train_test`` protocol's fixed or modality-level pattern, narrowed by ``train_drop="subsets"``; fresh
+    draws every epoch, reproducible from the seeds.
+    """
+    keep = None
+    protocol = train_cfg.protocol
+    if protocol is not None and protocol.applies_to("train") and protocol.kind in ("fixed", "modality"):
+        keep = protocol.presence(n, "train", epoch)
+    if train_cfg.train_drop == "subsets":
+        drop = subset_presence(n, [train_cfg.seed, 7, epoch])
+        keep = drop if keep is None else narrow(keep, drop)
+    return keep
+
+
+def distillation_loss(out: torch.Tensor, pooled: torch.Tensor, teacher_out: torch.Tensor,
+                      teacher_pooled: torch.Tensor, train_cfg: TrainConfig) -> torch.Tensor:
+    """``distill_pred * MSE(prediction, teacher's) + distill_rep * MSE(pooled, teacher's)`` (MITR-DNet style).
+
+    Predictions are compared as they are: regression scores, or IEMOCAP logits.
+    """
+    return (train_cfg.distill_pred * F.mse_loss(out.float(), teacher_out.float())
+            + train_cfg.distill_rep * F.mse_loss(pooled.float(), teacher_pooled.float()))
+
+
 def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, run_dir: str | Path | None = None,
-        progress: bool = True) -> FitResult:
-    """Train one model; with ``run_dir``, checkpoint every epoch there and resume from it if a run was cut short."""
+        progress: bool = True, teacher: KTModel | None = None) -> FitResult:
+    """Train one model; with ``run_dir``, checkpoint every epoch there and resume from it if a run was cut short.
+
+    ``teacher``: the trained model named by ``train_cfg.teacher``, for distillation (:func:`ktlib.runs.load_or_train`
+    reads it from the store).
+    """
+    if bool(train_cfg.teacher) != (teacher is not None):
+        raise ValueError(f"train_cfg.teacher={train_cfg.teacher!r} but teacher={'a model' if teacher else None}: "
+                         "distillation needs both the run id and the model (load_or_train passes it from the store)")
     device = pick_device(train_cfg.device)
     set_seed(train_cfg.seed)
     model = KTModel(model_cfg).to(device)
@@ -177,10 +260,14 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, ru
                                                         factor=train_cfg.plateau_factor)
              if train_cfg.schedule == "plateau" else None)
     amp = train_cfg.amp and device.type == "cuda"
-    test_missing = ("a",) if model_cfg.setting in AUDIO_FREE_AT_TEST else ()
-    valid_loader = make_loader(data, "valid", train_cfg.batch_size, shuffle=False, missing=test_missing)
-    test_loader = make_loader(data, "test", train_cfg.batch_size, shuffle=False, missing=test_missing)
-    train_missing = () if model_cfg.setting in ("full", "kt") else ("a",)
+    protocol = train_cfg.protocol
+    valid_loader = eval_loader(data, "valid", train_cfg.batch_size, model_cfg.setting, protocol)
+    test_loader = eval_loader(data, "test", train_cfg.batch_size, model_cfg.setting, protocol)
+    train_missing = () if model_cfg.setting in ("full", "kt", "kt_any") else ("a",)
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
+        if teacher.cfg.task != model_cfg.task:
+            raise ValueError(f"the teacher's task ({teacher.cfg.task}) differs from the student's ({model_cfg.task})")
 
     history: list[dict] = []
     best = {"loss": float("inf"), "epoch": -1, "state": None}
@@ -209,24 +296,33 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, ru
         # The shuffling order depends only on (seed, epoch), so a resumed run sees the same batches.
         loader = make_loader(data, "train", train_cfg.batch_size, shuffle=True, missing=train_missing,
                              seed=train_cfg.seed * 1000 + epoch)
-        sums = {"loss": 0.0, "task": 0.0, "consistency": 0.0}
+        keep = train_keep(train_cfg, len(data["train"]), epoch)
+        sums = {"loss": 0.0, "task": 0.0, "consistency": 0.0, "distill": 0.0}
         n = 0
         for batch in loader:
-            batch = _to(batch, device)
+            inputs = batch if keep is None else dict(batch, keep=torch.from_numpy(keep[batch["index"].numpy()]))
+            if protocol is not None:  # frame-level missing in a train_test protocol (other kinds: unchanged)
+                inputs = protocol.apply_batch(inputs, "train", epoch)[0]
+            inputs = _to(inputs, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out, details = model(batch, return_details=True)
-                task = task_loss(out, batch["y"], model_cfg.task)
+                out, details = model(inputs, return_details=True)
+                task = task_loss(out, inputs["y"], model_cfg.task)
                 cons = model.consistency_term(details)
-                loss = task + cons
+                dist = torch.zeros((), device=device)
+                if teacher is not None:  # the teacher sees the complete batch
+                    with torch.no_grad():
+                        t_out, t_details = teacher(_to(batch, device), return_details=True)
+                    dist = distillation_loss(out, details["pooled"], t_out, t_details["pooled"], train_cfg)
+                loss = task + cons + dist
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip)
             opt.step()
-            b = len(batch["y"])
+            b = len(inputs["y"])
             n += b
-            for k, v in (("loss", loss), ("task", task), ("consistency", cons)):
+            for k, v in (("loss", loss), ("task", task), ("consistency", cons), ("distill", dist)):
                 sums[k] += v.item() * b
-        valid_loss, valid_metrics, _ = evaluate(model, valid_loader, device, amp)
+        valid_loss, valid_metrics, _ = evaluate(model, valid_loader, device, amp, protocol, "valid")
         if sched is not None:
             sched.step(valid_loss)
         seconds += time.perf_counter() - t0
@@ -253,8 +349,8 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, ru
     bar.close()
 
     model.load_state_dict(best["state"])
-    valid_loss, valid_metrics, _ = evaluate(model, valid_loader, device, amp)
-    test_loss, test_metrics, _ = evaluate(model, test_loader, device, amp)
+    valid_loss, valid_metrics, _ = evaluate(model, valid_loader, device, amp, protocol, "valid")
+    test_loss, test_metrics, _ = evaluate(model, test_loader, device, amp, protocol, "test")
     result = {"valid": {"loss": valid_loss, **valid_metrics}, "test": {"loss": test_loss, **test_metrics},
               "best_epoch": best["epoch"], "epochs_run": len(history), "seconds": seconds, "device": str(device),
               "synthetic": data.synthetic}

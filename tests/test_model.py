@@ -129,7 +129,7 @@ def test_shapes_of_every_preset_and_setting(dataset, alignment, setting):
         t_hat = lens["l"] if alignment == "aligned" else lens["a"]
         assert details["f_l"].shape == (b, lens["l"], d)
         assert details["f_v"].shape == (b, lens["v"], d)
-        for name in ("theta_v", "phi_l", "f_a_hat"):
+        for name in ("a_from_v", "a_from_l", "f_a_hat"):
             assert details[name].shape == (b, t_hat, d), name
         assert details["f_a"].shape == (b, lens["a"], d)  # training: the real audio's representation
         if alignment == "aligned":  # padding only where both sources are padding
@@ -223,7 +223,7 @@ def test_every_used_parameter_gets_a_finite_nonzero_gradient(setting, alignment,
         checked += 1
     assert checked > 0
     if extra.get("kt_concat") == "time":
-        assert model.kt.segment.grad.abs().sum() > 0
+        assert model.kt.recon["a"].segment.grad.abs().sum() > 0
     if frozen:  # the audio parts exist (proj.a always; enc_a unless kt_encoder_layers == 0) and were skipped
         assert any(n.startswith("proj.a.") for n, _ in model.named_parameters())
 
@@ -760,8 +760,8 @@ def test_time_concatenation_gives_the_same_reconstruction_shape(alignment):
     for concat in ("feature", "time"):
         cfg = short_config(alignment, setting="kt", kt_concat=concat)
         model = build(cfg)
-        assert hasattr(model.kt, "fuse_in") == (concat == "feature")
-        assert hasattr(model.kt, "segment") == (concat == "time")
+        assert hasattr(model.kt.recon["a"], "fuse_in") == (concat == "feature")
+        assert hasattr(model.kt.recon["a"], "segment") == (concat == "time")
         batch = synth_batch(cfg)
         model.train()
         with torch.no_grad():
@@ -797,8 +797,8 @@ def test_model_uses_the_configured_consistency_loss(kind):
     with torch.no_grad():
         _, details = model(batch, return_details=True)
     frames = ~batch["mask_a"] & batch["present"][:, 1:2]
-    diff_va = details["theta_v"] - details["f_a"]
-    diff_la = details["phi_l"] - details["f_a"]
+    diff_va = details["a_from_v"] - details["f_a"]
+    diff_la = details["a_from_l"] - details["f_a"]
     err = (lambda x: x.abs()) if kind == "l1" else (lambda x: x.pow(2))
     expected_va = err(diff_va)[frames].mean()  # (real frames, d) -> mean over frames and feature dims
     expected_la = err(diff_la)[frames].mean()
