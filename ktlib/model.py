@@ -454,13 +454,13 @@ class Reconstruction(nn.Module):
     def forward(self, f: dict, masks: dict, use: dict | None = None) -> dict:
         t_len = self.cfg.seq_lens[self.target]
         recs, rec_masks = [], []
-        for net, s in zip((self.theta, self.phi), self.sources):
+        for net, s in zip((self.theta, self.phi), self.sources, strict=True):
             rec, mask = self._transfer(net, f[s], masks[s], t_len)
             recs.append(rec)
             if use is not None:  # an unusable source gives nothing to delta
                 mask = None if mask is None else mask | ~use[s][:, None]
             rec_masks.append(mask)
-        fused_in = recs if use is None else [r * use[s][:, None, None].to(r.dtype) for r, s in zip(recs, self.sources)]
+        fused_in = recs if use is None else [r * use[s][:, None, None].to(r.dtype) for r, s in zip(recs, self.sources, strict=True)]
         mask_hat = None if rec_masks[0] is None else rec_masks[0] & rec_masks[1]  # padding only where both are
         if self.cfg.kt_concat == "feature":
             f_hat = self.delta(self.fuse_in(torch.cat(fused_in, -1)), x_mask=mask_hat)[0]  # (B, T_t', d)
@@ -469,7 +469,7 @@ class Reconstruction(nn.Module):
             both_mask = None if mask_hat is None else torch.cat(rec_masks, 1)
             fused = self.delta(both, x_mask=both_mask)[0]
             f_hat = 0.5 * (fused[:, :t_len] + fused[:, t_len:])  # (B, T_t', d): the two halves averaged
-        out = {f"{self.target}_from_{s}": rec for s, rec in zip(self.sources, recs)}
+        out = {f"{self.target}_from_{s}": rec for s, rec in zip(self.sources, recs, strict=True)}
         out[f"f_{self.target}_hat"], out[f"mask_{self.target}_hat"] = f_hat, mask_hat
         return out
 
@@ -694,7 +694,8 @@ class KTModel(nn.Module):
         total = torch.zeros((), device=next(self.parameters()).device)
         for t, (s1, s2) in KT_SOURCES.items():
             if f"loss_{s1}{t}" in details:
-                total = total + self.cfg.lambda1 * details[f"loss_{s1}{t}"] + self.cfg.lambda2 * details[f"loss_{s2}{t}"]
+                total = total + self.cfg.lambda1 * details[f"loss_{s1}{t}"]
+                total = total + self.cfg.lambda2 * details[f"loss_{s2}{t}"]
         return total
 
     def load_audio_encoder(self, other: KTModel) -> None:
