@@ -460,7 +460,8 @@ class Reconstruction(nn.Module):
             if use is not None:  # an unusable source gives nothing to delta
                 mask = None if mask is None else mask | ~use[s][:, None]
             rec_masks.append(mask)
-        fused_in = recs if use is None else [r * use[s][:, None, None].to(r.dtype) for r, s in zip(recs, self.sources, strict=True)]
+        fused_in = recs if use is None else [r * use[s][:, None, None].to(r.dtype)
+                                             for r, s in zip(recs, self.sources, strict=True)]
         mask_hat = None if rec_masks[0] is None else rec_masks[0] & rec_masks[1]  # padding only where both are
         if self.cfg.kt_concat == "feature":
             f_hat = self.delta(self.fuse_in(torch.cat(fused_in, -1)), x_mask=mask_hat)[0]  # (B, T_t', d)
