@@ -221,7 +221,7 @@ def score(run: Run, data: MultimodalData, protocol: Protocol, batch_size: int = 
         loader = eval_loader(data, "test", batch_size, model.cfg.setting, protocol)
         loss, metrics, _ = evaluate(model, loader, torch.device("cpu"), protocol=protocol, split="test")
         scores[key] = {"loss": loss, **metrics}
-        atomic_write(cache, lambda f: f.write(json.dumps(scores, indent=2, sort_keys=True).encode()))
+        atomic_write(cache, lambda f: f.write(json.dumps(scores, indent=2).encode()))
     return scores[key]
 
 
