@@ -269,3 +269,40 @@ def auilc_table(tidy: pd.DataFrame, metrics=("mae", "corr", "acc2_non0", "f1_non
     out = per_seed.groupby(["data", "method", "kind", "phase", "metric"], sort=False)["auilc"].agg(
         mean="mean", std=lambda v: float(np.std(v)), seeds="count")
     return out.reset_index()
+
+
+def robustness_params(kinds: str, train_test_kinds: str, rates: str, train_test_rates: str, seeds: int):
+    """Check notebook 7's parameters; returns (kinds, train_test_kinds, rates, train_test_rates, seed list).
+
+    ``kinds`` / ``train_test_kinds``: comma-separated among fixed, modality, frame (train_test: modality, frame;
+    empty: none).  ``rates``: comma-separated rates in [0, 1], increasing, from 0 (empty: 0.0, 0.1, ..., 1.0).
+    """
+    problems = []
+
+    def names(text, allowed, label):
+        out = tuple(k.strip() for k in text.split(",") if k.strip())
+        bad = [k for k in out if k not in allowed]
+        if bad or len(set(out)) != len(out):
+            problems.append(f"{label}={text!r}: comma-separated distinct names among {allowed}")
+        return out
+
+    def numbers(text, label):
+        if not text.strip():
+            return tuple(float(r) for r in RATES)
+        try:
+            out = tuple(float(r) for r in text.split(","))
+        except ValueError:
+            out = ()
+        if len(out) < 2 or out[0] != 0.0 or any(b <= a for a, b in zip(out, out[1:], strict=False)) or out[-1] > 1:
+            problems.append(f"{label}={text!r}: at least two increasing rates from 0 up to at most 1, e.g. "
+                            f"'0,0.5,1' (empty: 0, 0.1, ..., 1)")
+        return out
+
+    result = (names(kinds, ("fixed", "modality", "frame"), "kinds"),
+              names(train_test_kinds, ("modality", "frame"), "train_test_kinds"),
+              numbers(rates, "rates"), numbers(train_test_rates, "train_test_rates"))
+    if not (isinstance(seeds, int) and 1 <= seeds <= 20):
+        problems.append(f"robust_seeds={seeds!r}: training seeds per method, an integer from 1 to 20")
+    if problems:
+        raise ValueError("notebook parameters out of range:\n  - " + "\n  - ".join(problems))
+    return (*result, list(range(1, seeds + 1)))

@@ -400,3 +400,47 @@ def figure_png(fig) -> bytes:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
+
+
+METHOD_COLORS = {"MulT (zero-fill)": SETTING_COLORS["full"], "kt (any modality)": COLORS["a_hat"],
+                 "distillation": COLORS["v"]}
+
+
+def robustness_curves(tidy, title: str, metrics=("mae", "corr", "acc2_non0")):
+    """Metric vs missing rate, one panel per metric: mean over seeds, a band of +- one std, each method a colour.
+
+    ``tidy``: rows of one protocol kind and phase from :func:`ktlib.experiments.robustness_runs`.
+    """
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.7 * len(metrics), 3.5), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        part = tidy[tidy["metric"] == metric]
+        for method, cell in part.groupby("method", sort=False):
+            stats = cell.groupby("rate")["value"].agg(["mean", "std"])
+            std = stats["std"].fillna(0.0).to_numpy()
+            color = METHOD_COLORS.get(method)
+            ax.plot(stats.index, stats["mean"], "-o", ms=3, color=color, label=method)
+            ax.fill_between(stats.index, stats["mean"] - std, stats["mean"] + std, color=color, alpha=0.2, lw=0)
+        ax.set(xlabel="missing rate r", ylabel=METRIC_NAMES.get(metric, metric), title=metric)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def fixed_missing_bars(tidy, title: str, metric: str = "mae"):
+    """One group of bars per fixed missing pattern (what is absent), one bar per method: mean +- std over seeds."""
+    part = tidy[(tidy["metric"] == metric) & (tidy["kind"] == "fixed")]
+    levels = list(dict.fromkeys(part["level"]))
+    methods = list(dict.fromkeys(part["method"]))
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(1.3 * len(levels) + 2, 3.6))
+    for i, method in enumerate(methods):
+        stats = part[part["method"] == method].groupby("level")["value"].agg(["mean", "std"]).reindex(levels)
+        x = np.arange(len(levels)) + (i - (len(methods) - 1) / 2) * width
+        ax.bar(x, stats["mean"], width, yerr=stats["std"].fillna(0.0), capsize=3,
+               color=METHOD_COLORS.get(method), label=method)
+    ax.set_xticks(np.arange(len(levels)), [f"no {lv}" for lv in levels])
+    ax.set(ylabel=METRIC_NAMES.get(metric, metric), title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -19,7 +19,10 @@ FIGURES = {
     "05_reconstruction.ipynb": ["05-pca", "05-umap", "05-cosine", "05-mse",
                                 "05-per-dim-corr", "05-cka", "05-sample-over-time"],
     "06_results.ipynb": ["06-paired", "06-claims"],
+    "07_robustness.ipynb": ["07-fixed", "07-modality-test", "07-frame-test", "07-modality-train_test"],
 }
+# Beyond the defaults, so that the test covers missing data at train and test too (a run per rate: two rates).
+EXTRA_PARAMETERS = {"07_robustness.ipynb": {"train_test_kinds": "modality", "train_test_rates": "0,1"}}
 SETTINGS = {"full", "vision_only", "language_only", "language_vision", "kt"}
 
 
@@ -69,7 +72,8 @@ def executed(tmp_path_factory):
             before = {p.parent.name for p in (root / "runs").glob("*/metrics.json")}
             outputs[path.name] = root / path.name
             pm.execute_notebook(str(path), str(outputs[path.name]), cwd=str(path.parent), kernel_name="python3",
-                                parameters={"profile": "smoke", "figures_dir": str(root / "figures")},
+                                parameters={"profile": "smoke", "figures_dir": str(root / "figures"),
+                                            **EXTRA_PARAMETERS.get(path.name, {})},
                                 progress_bar=False, execution_timeout=300)
             after = {p.parent.name for p in (root / "runs").glob("*/metrics.json")}
             added[path.name] = after - before
@@ -130,6 +134,25 @@ def test_later_notebooks_read_runs_back_instead_of_training_again(executed):
     assert len(added["03_training.ipynb"]) == 15  # five settings x three seeds
     assert not added["05_reconstruction.ipynb"], "notebook 5 retrained a run of notebook 3"
     assert not added["06_results.ipynb"], "notebook 6 retrained runs of notebooks 3 and 4"
+    # kt_any and the student for 2 seeds at test only, then 3 methods x 2 seeds at rate 1 in training; the MulT
+    # runs at rate 0 (also the teachers) are notebook 3's
+    new = added["07_robustness.ipynb"]
+    assert len(new) == 4 + 6 and sum("-full-" in rid for rid in new) == 6
+
+
+def test_robustness_tables_cover_every_method_protocol_and_rate(executed):
+    tables = executed["tables"]
+    test_only = pd.read_csv(tables / "07-robustness-test.csv")
+    methods = {"MulT (zero-fill)", "kt (any modality)", "distillation"}
+    assert set(test_only["method"]) == methods and set(test_only["kind"]) == {"fixed", "modality", "frame"}
+    per_kind = test_only[test_only["metric"] == "mae"].groupby("kind")["level"].nunique().to_dict()
+    assert per_kind == {"fixed": 6, "modality": 11, "frame": 11}
+    assert np.isfinite(test_only[test_only["metric"] == "mae"]["value"]).all()
+    auilc = pd.read_csv(tables / "07-auilc.csv")
+    mae = auilc[auilc["metric"] == "mae"]
+    assert len(mae) == 3 * 3 and np.isfinite(mae["mean"]).all() and (mae["seeds"] == 2).all()
+    assert set(zip(mae["kind"], mae["phase"])) == {("modality", "test"), ("frame", "test"),
+                                                   ("modality", "train_test")}
 
 
 def test_out_of_range_parameter_stops_with_a_clear_message(sandbox):
