@@ -151,7 +151,7 @@ def test_robustness_tables_cover_every_method_protocol_and_rate(executed):
     auilc = pd.read_csv(tables / "07-auilc.csv")
     mae = auilc[auilc["metric"] == "mae"]
     assert len(mae) == 3 * 3 and np.isfinite(mae["mean"]).all() and (mae["seeds"] == 2).all()
-    assert set(zip(mae["kind"], mae["phase"])) == {("modality", "test"), ("frame", "test"),
+    assert set(zip(mae["kind"], mae["phase"], strict=True)) == {("modality", "test"), ("frame", "test"),
                                                    ("modality", "train_test")}
 
 
