@@ -146,16 +146,12 @@ def predictions(tidy: pd.DataFrame, data: MultimodalData, seed: int, split: str 
     the setting has none at test time): setting -> (N, 1) or (N, 4, 2)."""
     import torch
 
-    from .data import make_loader
-    from .runs import Run, default_runs_dir
-    from .train import AUDIO_FREE_AT_TEST, evaluate
+    from .train import eval_loader, evaluate
 
     out = {}
     for setting, rid in tidy[tidy["seed"] == seed].groupby("setting", sort=False)["run"].first().items():
         model = Run.load(default_runs_dir() / rid).load_model()
-        missing = ("a",) if setting in AUDIO_FREE_AT_TEST else ()
-        out[setting] = evaluate(model, make_loader(data, split, 64, shuffle=False, missing=missing),
-                                torch.device("cpu"))[2]
+        out[setting] = evaluate(model, eval_loader(data, split, 64, setting), torch.device("cpu"))[2]
     return out
 
 
