@@ -15,16 +15,18 @@ the same functions, so a result is read back from the run store, never trained t
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .data import MultimodalData, atomic_write, load_simulated
+from .data import MultimodalData, atomic_write, from_recipe, load_simulated
 from .metrics import LOWER_IS_BETTER
 from .missing import RATES, Protocol, auilc
 from .model import SETTINGS  # the five settings of Tables I-III
-from .runs import Job, Run, default_runs_dir, plan, read_jobs, run_id, run_jobs, train_missing
+from .runs import Job, Run, default_runs_dir, default_workers, in_pool, plan, read_jobs, run_id, run_jobs, train_missing
 
 # Ablation families: label -> ModelConfig overrides of the kt model.  The default kt model is in each family.
 CONSISTENCY = {"L2": {}, "L1": {"consistency": "l1"}}  # Table V
@@ -201,17 +203,24 @@ def robustness_jobs(data: MultimodalData, seeds, profile_name: str, method: str,
     return jobs
 
 
+def _scores(run_dir: Path) -> dict:
+    cache = run_dir / "scores.json"
+    return json.loads(cache.read_text()) if cache.exists() else {}
+
+
+def _score_key(protocol: Protocol) -> str:
+    return f"{protocol.name}-seed{protocol.seed}"
+
+
 def score(run: Run, data: MultimodalData, protocol: Protocol, batch_size: int = 64) -> dict:
     """Test metrics of a finished run under ``protocol`` (missing at test), cached in the run's folder."""
-    import json
-
     import torch
 
     from .train import eval_loader, evaluate
 
     cache = run.dir / "scores.json"
-    scores = json.loads(cache.read_text()) if cache.exists() else {}
-    key = f"{protocol.name}-seed{protocol.seed}"
+    scores = _scores(run.dir)
+    key = _score_key(protocol)
     if key not in scores:
         model = run.load_model()
         loader = eval_loader(data, "test", batch_size, model.cfg.setting, protocol)
@@ -219,6 +228,17 @@ def score(run: Run, data: MultimodalData, protocol: Protocol, batch_size: int = 
         scores[key] = {"loss": loss, **metrics}
         atomic_write(cache, lambda f: f.write(json.dumps(scores, indent=2).encode()))
     return scores[key]
+
+
+def _score_job(job: tuple) -> None:
+    """Score one run under several protocols in a worker process (see :func:`ktlib.runs.in_pool`)."""
+    import torch
+
+    recipe, run_dir, protocols, threads = job
+    torch.set_num_threads(threads)
+    data, run = from_recipe(recipe), Run.load(run_dir)
+    for protocol in protocols:
+        score(run, data, protocol)
 
 
 def robustness_runs(data: MultimodalData, seeds, profile_name: str, kinds=("fixed", "modality", "frame"),
@@ -237,12 +257,21 @@ def robustness_runs(data: MultimodalData, seeds, profile_name: str, kinds=("fixe
     jobs = {(m, p): [j for j in robustness_jobs(data, seeds, profile_name, m, p) if j.variant == m] for m, p in cells}
     teachers = [j for m, p in cells for j in robustness_jobs(data, seeds, profile_name, m, p) if j.variant != m]
     train_missing(teachers + [j for js in jobs.values() for j in js], progress=progress, workers=workers)
+    folder = default_runs_dir()
+    pending: dict[str, list[Protocol]] = {}  # run folder -> protocols it still has to be scored under
+    for (_, protocol), js in jobs.items():
+        for job in js:
+            run_dir = folder / run_id(job.model, job.train, data)
+            if job.train.protocol is None and _score_key(protocol) not in _scores(run_dir):
+                pending.setdefault(str(run_dir), []).append(protocol)
+    if data.path is not None:  # scored in worker processes, one run each
+        in_pool(_score_job, [(data.recipe(), d, ps) for d, ps in pending.items()],
+                default_workers() if workers is None else workers, "runs scored", progress)
     rows = []
     for (method, protocol), js in jobs.items():
         for job in js:
-            run = Run.load(default_runs_dir() / run_id(job.model, job.train, data))
-            trained_under = job.train.protocol is not None and job.train.protocol.kind != "none"
-            metrics = run.metrics["test"] if trained_under else score(run, data, protocol)
+            run = Run.load(folder / run_id(job.model, job.train, data))
+            metrics = run.metrics["test"] if job.train.protocol is not None else score(run, data, protocol)
             rows += [{"method": method, "kind": protocol.kind, "phase": phase, "level": _level(protocol),
                       "rate": protocol.rate if protocol.kind != "fixed" else np.nan, "seed": job.train.seed,
                       "metric": metric, "value": value, "data": data.kind, "run": run.id}

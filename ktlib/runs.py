@@ -212,23 +212,31 @@ def train_missing(jobs: list[Job], runs_dir: str | Path | None = None, force: bo
 
 def _train_round(jobs: list[Job], folder: Path, progress: bool, workers: int) -> None:
     parallel = [job for job in jobs if job.data.path is not None]
-    if workers > 1 and len(parallel) > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        from tqdm.auto import tqdm
-
-        workers = min(workers, len(parallel))
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        args = [(j.data.recipe(), j.model.to_dict(), asdict(j.train), str(folder), threads) for j in parallel]
-        # spawn, not fork: a forked copy of a process that already runs torch threads can deadlock
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_train_job, a) for a in args]
-            for fut in tqdm(as_completed(futures), total=len(futures), desc=f"{len(futures)} runs, {workers} workers",
-                            disable=not progress, leave=False):
-                fut.result()  # a failed run raises here, with its worker's error
+    in_pool(_train_job, [(j.data.recipe(), j.model.to_dict(), asdict(j.train), str(folder)) for j in parallel],
+            workers, "runs", progress)
     for job in jobs:  # what no worker took (e.g. data built in memory), in this process
         load_or_train(job.model, job.train, job.data, folder, progress=progress)
+
+
+def in_pool(fn, args: list[tuple], workers: int, what: str, progress: bool = True) -> bool:
+    """``fn((*arg, threads))`` for each arg in ``workers`` spawned processes sharing the CPU threads; False (and
+    nothing done) when there are fewer than two args or workers.  A failed call raises here with its error."""
+    if workers < 2 or len(args) < 2:
+        return False
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm.auto import tqdm
+
+    workers = min(workers, len(args))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # spawn, not fork: a forked copy of a process that already runs torch threads can deadlock
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(fn, (*a, threads)) for a in args]
+        for fut in tqdm(as_completed(futures), total=len(futures), desc=f"{len(futures)} {what}, {workers} workers",
+                        disable=not progress, leave=False):
+            fut.result()
+    return True
 
 
 def read_jobs(jobs: list[Job], runs_dir: str | Path | None = None) -> pd.DataFrame:

@@ -257,7 +257,7 @@ def test_auilc_table_by_hand():
 
 def test_robustness_runs_score_every_method_protocol_and_rate(mosi, tmp_path, monkeypatch):
     monkeypatch.setenv("KTLIB_RUNS_DIR", str(tmp_path))
-    kw = dict(seeds=[1], profile_name="smoke", workers=1, progress=False)
+    kw = dict(seeds=[1], profile_name="smoke", workers=2, progress=False)  # training and scoring in 2 processes
     tidy = E.robustness_runs(mosi, kinds=("fixed", "modality"), rates=(0.0, 1.0), **kw)
     mae = tidy[tidy["metric"] == "mae"]
     assert set(mae["method"]) == set(E.METHODS) and np.isfinite(mae["value"]).all()
