@@ -206,8 +206,10 @@ def train_missing(jobs: list[Job], runs_dir: str | Path | None = None, force: bo
         if not (folder / rid / "metrics.json").exists():
             todo[rid] = job
     workers = default_workers() if workers is None else workers
-    for students in (False, True):  # distillation students after the teachers they need
-        _train_round([j for j in todo.values() if bool(j.train.teacher) == students], folder, progress, workers)
+    ready = [j for j in todo.values() if not j.train.teacher or (folder / j.train.teacher / "metrics.json").exists()]
+    waiting = [j for j in todo.values() if j not in ready]  # distillation students whose teacher is in `ready`
+    for jobs_now in (ready, waiting):
+        _train_round(jobs_now, folder, progress, workers)
 
 
 def _train_round(jobs: list[Job], folder: Path, progress: bool, workers: int) -> None:

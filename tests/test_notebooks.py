@@ -116,11 +116,11 @@ def test_ablation_and_analysis_tables_are_complete_and_finite(executed):
     tables = executed["tables"]
     for name, variants in (("04-consistency-loss", {"L1", "L2"}),
                            ("04-targets", {"all targets", "target=language", "target=audio", "target=vision"}),
-                           ("04-lambda", {"lambda=0", "lambda=0.1", "lambda=1", "lambda=10"})):
+                           ("04-lambda", {"lambda=0", "lambda=1", "lambda=10"})):
         table = pd.read_csv(tables / f"{name}.csv")
         assert set(table["variant"]) == variants and np.isfinite(table["mean"]).all()
     sweep = pd.read_csv(tables / "04-predictability.csv")
-    assert set(sweep["setting"]) == {"language_vision", "kt"} and sweep["variant"].nunique() == 4
+    assert set(sweep["setting"]) == {"language_vision", "kt"} and sweep["variant"].nunique() == 3
     recon = pd.read_csv(tables / "05-reconstruction.csv")
     assert len(recon) == 3 and np.isfinite(recon.drop(columns=["reconstruction", "data"]).to_numpy(dtype=float)).all()
     for table in tables.glob("*.csv"):  # every table says which data it comes from
