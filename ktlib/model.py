@@ -8,9 +8,11 @@ One ``nn.Module`` per concept of the paper (Liu, Zhan, Chen, arXiv 2401.10747), 
 - :class:`TransformerLayer`     eq. 4: pre-LayerNorm block, ``m' = m' + Z`` then a position-wise feed-forward.
 - :class:`TransformerEncoder`   a stack of layers; self-attention when the source is the target itself,
                                  a cross-modal transformer ``target <- source`` otherwise.
-- :class:`KnowledgeTransfer`    eq. 1-2: encoders give f_L, f_V, f_A; theta: V -> A and phi: L -> A reconstruct the
-                                 audio representation, delta fuses ``[theta(f_V) || phi(f_L)]`` into f'_A; the
-                                 consistency losses ``l_c(theta(f_V), f_A)`` and ``l_c(phi(f_L), f_A)`` (eq. 1, 6).
+- :class:`Reconstruction`       eq. 1-2 for one target: theta: V -> A and phi: L -> A reconstruct the audio
+                                 representation, delta fuses ``[theta(f_V) || phi(f_L)]`` into f'_A (and likewise
+                                 for a vision or language target).
+- :class:`KnowledgeTransfer`    encoders give f_L, f_V, f_A; one Reconstruction per target; the consistency losses
+                                 ``l_c(theta(f_V), f_A)`` and ``l_c(phi(f_L), f_A)`` (eq. 1, 6).
 - :class:`MulTBackbone`         all directed cross-modal transformers among the inputs, a self-attention memory per
                                  target, last-step pooling, residual MLP head (MulT).
 - :class:`KTModel`              the five settings of the paper's tables behind one switch.
@@ -24,6 +26,9 @@ Settings (``ModelConfig.setting``)
   language_vision  l and v, no audio branch
   kt               l, v and the reconstructed audio f'_A in the audio slot, at train and test.  The real audio is
                    read only in training, and only to compute the consistency target f_A.
+  kt_any           (beyond the paper) any modality a sample lacks is rebuilt from the ones it has, per sample:
+                   A from V, L; V from L, A; L from V, A (``KT_SOURCES``), one theta / phi / delta per target.
+                   Present modalities enter as given; the real ones supervise the reconstructions in training.
 
 Time axis of the reconstruction (``kt_time_axis``)
   ``source``  theta / phi are self-attention stacks over f_V / f_L, so f'_A lives on the source's time steps;
