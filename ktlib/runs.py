@@ -206,10 +206,10 @@ def train_missing(jobs: list[Job], runs_dir: str | Path | None = None, force: bo
         if not (folder / rid / "metrics.json").exists():
             todo[rid] = job
     workers = default_workers() if workers is None else workers
-    ready = [j for j in todo.values() if not j.train.teacher or (folder / j.train.teacher / "metrics.json").exists()]
-    waiting = [j for j in todo.values() if j not in ready]  # distillation students whose teacher is in `ready`
-    for jobs_now in (ready, waiting):
-        _train_round(jobs_now, folder, progress, workers)
+    ready = {rid for rid, j in todo.items()
+             if not j.train.teacher or (folder / j.train.teacher / "metrics.json").exists()}
+    for first in (True, False):  # then the distillation students whose teacher trains in the first round
+        _train_round([j for rid, j in todo.items() if (rid in ready) == first], folder, progress, workers)
 
 
 def _train_round(jobs: list[Job], folder: Path, progress: bool, workers: int) -> None:
