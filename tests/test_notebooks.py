@@ -116,7 +116,7 @@ def test_ablation_and_analysis_tables_are_complete_and_finite(executed):
     tables = executed["tables"]
     for name, variants in (("04-consistency-loss", {"L1", "L2"}),
                            ("04-targets", {"all targets", "target=language", "target=audio", "target=vision"}),
-                           ("04-lambda", {"lambda=0", "lambda=1", "lambda=10"})):
+                           ("04-lambda", {"lambda=0", "lambda=1"})):
         table = pd.read_csv(tables / f"{name}.csv")
         assert set(table["variant"]) == variants and np.isfinite(table["mean"]).all()
     sweep = pd.read_csv(tables / "04-predictability.csv")
