@@ -36,3 +36,12 @@ def mosi_fixture_path() -> Path:
 def sim_cache(tmp_path_factory) -> Path:
     """A private simulator cache folder, so tests never touch the user's data/sim."""
     return tmp_path_factory.mktemp("sim-cache")
+
+
+@pytest.fixture(scope="session")
+def mosi(tmp_path_factory):
+    """A small simulated MOSI (aligned, 3% of the published splits) shared by the training tests."""
+    from ktlib.data import load_simulated
+    from ktlib.simulate import preset
+
+    return load_simulated(preset("mosi", "aligned", scale=0.03), cache_dir=tmp_path_factory.mktemp("sim"))

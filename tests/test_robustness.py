@@ -26,11 +26,6 @@ SMOKE = profile("smoke")
 
 
 @pytest.fixture(scope="module")
-def mosi(tmp_path_factory):
-    return load_simulated(preset("mosi", "aligned", scale=0.03), cache_dir=tmp_path_factory.mktemp("sim"))
-
-
-@pytest.fixture(scope="module")
 def unaligned(tmp_path_factory):
     return load_simulated(preset("mosi", "unaligned", scale=0.02), cache_dir=tmp_path_factory.mktemp("sim"))
 
@@ -283,3 +278,16 @@ def test_robustness_runs_score_every_method_protocol_and_rate(mosi, tmp_path, mo
 def test_robustness_runs_refuse_an_unknown_phase(mosi):
     with pytest.raises(ValueError, match="phase"):
         E.robustness_runs(mosi, [1], "smoke", phase="sometimes")
+
+
+def test_robustness_runs_on_the_real_mosi_fixture(mosi_fixture_path, tmp_path, monkeypatch):
+    from ktlib.data import get_data
+
+    monkeypatch.setenv("KTLIB_RUNS_DIR", str(tmp_path))
+    data = get_data("mosi_utterance", "aligned", data_dir=mosi_fixture_path.parent)
+    tidy = E.robustness_runs(data, [1], "smoke", kinds=("modality", "frame"), rates=(0.0, 0.5, 1.0), workers=1,
+                             progress=False)
+    mae = tidy[tidy["metric"] == "mae"]
+    assert (tidy["data"] == "real").all() and len(mae) == len(E.METHODS) * 2 * 3
+    assert np.isfinite(mae["value"]).all()
+    assert np.isfinite(E.auilc_table(tidy)["mean"]).all()

@@ -21,11 +21,6 @@ SMOKE = profile("smoke")
 
 
 @pytest.fixture(scope="module")
-def mosi(tmp_path_factory):
-    return load_simulated(preset("mosi", "aligned", scale=0.03), cache_dir=tmp_path_factory.mktemp("sim"))
-
-
-@pytest.fixture(scope="module")
 def iemocap(tmp_path_factory):
     return load_simulated(preset("iemocap", "aligned", scale=0.02), cache_dir=tmp_path_factory.mktemp("sim"))
 
