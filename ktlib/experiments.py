@@ -203,33 +203,33 @@ def robustness_jobs(data: MultimodalData, seeds, profile_name: str, method: str,
     return jobs
 
 
-def _scores(run_dir: Path) -> dict:
-    cache = run_dir / "scores.json"
-    return json.loads(cache.read_text()) if cache.exists() else {}
-
-
 def _score_key(protocol: Protocol) -> str:
     if protocol.kind != "fixed" and protocol.rate == 0:  # nothing missing: every kind is the complete test set
         return "none"
     return f"{protocol.name}-seed{protocol.seed}"
 
 
-def score(run: Run, data: MultimodalData, protocol: Protocol, batch_size: int = 128) -> dict:
-    """Test metrics of a finished run under ``protocol`` (missing at test), cached in the run's folder."""
+def scores(run_dir: str | Path, data: MultimodalData, protocols, batch_size: int = 128) -> dict[str, dict]:
+    """Test metrics of a finished run under each protocol (missing at test), keyed by protocol.
+
+    Kept in the run's ``scores.json``: only protocols not scored before are computed (the model is loaded once
+    for all of them), and the file is written once.
+    """
     import torch
 
     from .train import eval_loader, evaluate
 
-    cache = run.dir / "scores.json"
-    scores = _scores(run.dir)
-    key = _score_key(protocol)
-    if key not in scores:
-        model = run.load_model()
-        loader = eval_loader(data, "test", batch_size, model.cfg.setting, protocol)
-        loss, metrics, _ = evaluate(model, loader, torch.device("cpu"), protocol=protocol, split="test")
-        scores[key] = {"loss": loss, **metrics}
-        atomic_write(cache, lambda f: f.write(json.dumps(scores, indent=2).encode()))
-    return scores[key]
+    cache = Path(run_dir) / "scores.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    todo = {_score_key(p): p for p in protocols if _score_key(p) not in known}
+    if todo:
+        model = Run.load(run_dir).load_model()
+        for key, protocol in todo.items():
+            loader = eval_loader(data, "test", batch_size, model.cfg.setting, protocol)
+            loss, metrics, _ = evaluate(model, loader, torch.device("cpu"), protocol=protocol, split="test")
+            known[key] = {"loss": loss, **metrics}
+        atomic_write(cache, lambda f: f.write(json.dumps(known, indent=2).encode()))
+    return {_score_key(p): known[_score_key(p)] for p in protocols}
 
 
 def _score_job(job: tuple) -> None:
@@ -238,9 +238,7 @@ def _score_job(job: tuple) -> None:
 
     recipe, run_dir, protocols, threads = job
     torch.set_num_threads(threads)
-    data, run = from_recipe(recipe), Run.load(run_dir)
-    for protocol in protocols:
-        score(run, data, protocol)
+    scores(run_dir, from_recipe(recipe), protocols)
 
 
 def robustness_runs(data: MultimodalData, seeds, profile_name: str, kinds=("fixed", "modality", "frame"),
@@ -255,29 +253,34 @@ def robustness_runs(data: MultimodalData, seeds, profile_name: str, kinds=("fixe
     """
     if phase not in ("test", "train_test"):
         raise ValueError(f"phase must be 'test' or 'train_test', got {phase!r}")
-    cells = [(method, protocol) for kind in kinds for protocol in _protocols(kind, phase, rates) for method in methods]
-    jobs = {(m, p): [j for j in robustness_jobs(data, seeds, profile_name, m, p) if j.variant == m] for m, p in cells}
-    teachers = [j for m, p in cells for j in robustness_jobs(data, seeds, profile_name, m, p) if j.variant != m]
-    train_missing(teachers + [j for js in jobs.values() for j in js], progress=progress, workers=workers)
+    workers = default_workers() if workers is None else workers
+    jobs: dict[str, Job] = {}  # run id -> job (teachers included)
+    cells = []  # (method, protocol, seed, run id) of every table cell
+    for kind in kinds:
+        for protocol in _protocols(kind, phase, rates):
+            for method in methods:
+                for job in robustness_jobs(data, seeds, profile_name, method, protocol):
+                    rid = run_id(job.model, job.train, data)
+                    jobs.setdefault(rid, job)
+                    if job.variant == method:
+                        cells.append((method, protocol, job.train.seed, rid))
+    train_missing(list(jobs.values()), progress=progress, workers=workers)
     folder = default_runs_dir()
-    pending: dict[str, list[Protocol]] = {}  # run folder -> protocols it still has to be scored under
-    for (_, protocol), js in jobs.items():
-        for job in js:
-            run_dir = folder / run_id(job.model, job.train, data)
-            if job.train.protocol is None and _score_key(protocol) not in _scores(run_dir):
-                pending.setdefault(str(run_dir), []).append(protocol)
-    if data.path is not None:  # scored in worker processes, one run each
-        in_pool(_score_job, [(data.recipe(), d, ps) for d, ps in pending.items()],
-                default_workers() if workers is None else workers, "runs scored", progress)
+    scored: dict[str, list[Protocol]] = {}  # run id -> the protocols it is scored under (test-only runs)
+    for _, protocol, _, rid in cells:
+        if jobs[rid].train.protocol is None:
+            scored.setdefault(rid, []).append(protocol)
+    if data.path is not None:  # in worker processes, one run each
+        in_pool(_score_job, [(data.recipe(), str(folder / rid), ps) for rid, ps in scored.items()], workers,
+                "runs scored", progress)
+    results = {rid: scores(folder / rid, data, ps) for rid, ps in scored.items()}  # read back (or computed here)
     rows = []
-    for (method, protocol), js in jobs.items():
-        for job in js:
-            run = Run.load(folder / run_id(job.model, job.train, data))
-            metrics = run.metrics["test"] if job.train.protocol is not None else score(run, data, protocol)
-            rows += [{"method": method, "kind": protocol.kind, "phase": phase, "level": _level(protocol),
-                      "rate": protocol.rate if protocol.kind != "fixed" else np.nan, "seed": job.train.seed,
-                      "metric": metric, "value": value, "data": data.kind, "run": run.id}
-                     for metric, value in metrics.items()]
+    for method, protocol, seed, rid in cells:
+        metrics = (results[rid][_score_key(protocol)] if rid in results
+                   else Run.load(folder / rid).metrics["test"])  # trained under the protocol: its own test score
+        rows += [{"method": method, "kind": protocol.kind, "phase": phase, "level": _level(protocol),
+                  "rate": protocol.rate if protocol.kind != "fixed" else np.nan, "seed": seed, "metric": metric,
+                  "value": value, "data": data.kind, "run": rid} for metric, value in metrics.items()]
     return pd.DataFrame(rows)
 
 

@@ -629,36 +629,33 @@ class KTModel(nn.Module):
             x = F.dropout(x, self.cfg.text_dropout, self.training)
         return self.proj[m](x), mask
 
-    def usable(self, batch) -> dict[str, torch.Tensor]:
-        """{m: (B,) bool}: the modalities each sample may use, ``present`` narrowed by ``keep``."""
-        b = len(batch["y"]) if "y" in batch else batch["l"].shape[0]
-        present = batch.get("present")
-        use = torch.ones(b, len(MODALITIES), dtype=torch.bool, device=batch["l"].device) if present is None \
-            else present.bool()
-        if "keep" in batch:
-            use = use & batch["keep"].bool()
-        return {m: use[:, j] for j, m in enumerate(MODALITIES)}
+    @staticmethod
+    def availability(batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(real, use)``, each {m: (B,) bool}: the modalities a sample carries (``present``; all without it), and
+        those it may use (``real`` narrowed by ``keep``)."""
+        ref = batch["l"]
+        real = batch["present"].bool() if "present" in batch else torch.ones(
+            ref.shape[0], len(MODALITIES), dtype=torch.bool, device=ref.device)
+        use = real & batch["keep"].bool() if "keep" in batch else real
+        return ({m: real[:, j] for j, m in enumerate(MODALITIES)}, {m: use[:, j] for j, m in enumerate(MODALITIES)})
 
     def forward(self, batch: dict[str, torch.Tensor], return_details: bool = False, need_weights: bool = False):
         cfg = self.cfg
-        use = self.usable(batch)
+        real, use = self.availability(batch)
+        supervise = real if self.training else None  # real targets for the consistency losses, in training only
         seqs, masks, details = {}, {}, {}
         if cfg.setting == "kt":  # the paper: l, v as given, the audio slot always holds f'_A
             for m in ("l", "v"):
                 seqs[m], masks[m] = self._project(batch, m, use[m])
-            real = None
             if self.training:  # the audio supervises the reconstruction; never read at inference
                 seqs["a"], masks["a"] = self._project(batch, "a")
-                real = self._real(batch)
-            details = self.kt(seqs, masks, use, real)
+            details = self.kt(seqs, masks, use, supervise)
             seqs["a"], masks["a"] = details["f_a_hat"], details["mask_a_hat"]
         elif cfg.setting == "kt_any":  # every modality a sample lacks is rebuilt from those it has
-            for m in MODALITIES:
-                present = self._real(batch)[m] if self.training else use[m]
-                seqs[m], masks[m] = self._project(batch, m, present)
-            real = self._real(batch) if self.training else None
+            for m in MODALITIES:  # in training the real ones are read (targets); at inference only the usable
+                seqs[m], masks[m] = self._project(batch, m, real[m] if self.training else use[m])
             lacking = tuple(m for m in MODALITIES if self.training or not bool(use[m].all()))
-            details = self.kt(seqs, masks, use, real, targets=lacking)
+            details = self.kt(seqs, masks, use, supervise, targets=lacking)
             for m in lacking:
                 hat, mask_hat = details[f"f_{m}_hat"], details[f"mask_{m}_hat"]
                 if mask_hat is None:  # queries time axis: every reconstructed frame is real
@@ -677,10 +674,6 @@ class KTModel(nn.Module):
         if need_weights:
             details["attention"] = weights
         return out, details
-
-    def _real(self, batch) -> dict[str, torch.Tensor]:
-        """{m: (B,) bool}: the modalities whose real features a sample carries (``present``; all without it)."""
-        return self.usable({k: v for k, v in batch.items() if k != "keep"})
 
     @torch.no_grad()
     def audio_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -158,6 +158,11 @@ def eval_loader(data: MultimodalData, split: str, batch_size: int, setting: str,
     return make_loader(data, split, batch_size, shuffle=False, missing=present)
 
 
+def frames_dropped(protocol: Protocol | None, split: str) -> bool:
+    """Whether ``protocol`` drops frames in ``split`` batches (the other kinds act through the loader's presence)."""
+    return protocol is not None and protocol.kind == "frame" and protocol.applies_to(split)
+
+
 @torch.no_grad()
 def evaluate(model: KTModel, loader, device: torch.device, amp: bool = False, protocol: Protocol | None = None,
              split: str = "test") -> tuple[float, dict, np.ndarray]:
@@ -169,7 +174,7 @@ def evaluate(model: KTModel, loader, device: torch.device, amp: bool = False, pr
     model.eval()
     total, count, preds, ys = 0.0, 0, [], []
     for batch in loader:
-        if protocol is not None:
+        if frames_dropped(protocol, split):
             batch = protocol.apply_batch(batch, split)[0]
         batch = _to(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
@@ -301,7 +306,7 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, ru
         n = 0
         for batch in loader:
             inputs = batch if keep is None else dict(batch, keep=torch.from_numpy(keep[batch["index"].numpy()]))
-            if protocol is not None:  # frame-level missing in a train_test protocol (other kinds: unchanged)
+            if frames_dropped(protocol, "train"):  # frame-level missing in a train_test protocol
                 inputs = protocol.apply_batch(inputs, "train", epoch)[0]
             inputs = _to(inputs, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
