@@ -6,7 +6,7 @@ Commands
   params      parameter counts of every setting at the paper's configuration
   train       train one run (or load it if this configuration already ran) and print its metrics
   grid        settings x seeds, mean +- std, beside the paper's numbers
-  table       every finished run in the store, summarised
+  table       every finished run in the store, one row per configuration (its seeds averaged)
   reproduce   the workbook's main job on the built-in data
 """
 
@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 
+from .simulate import REGIMES
 from .specs import ALIGNMENTS, DATASETS
 
 
@@ -23,14 +24,16 @@ def _add_sim_knobs(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("simulator knobs (used when the data is simulated)")
     g.add_argument("--scale", type=float, default=1.0, help="fraction of the published split sizes (0, 1]")
     g.add_argument("--seed", type=int, default=0, help="simulator seed: same seed, same bytes")
-    g.add_argument("--audio-predictability", type=float, default=None,
-                   help="share of audio's signal that is a function of vision and language, in [0, 1]")
+    g.add_argument("--audio-shared", type=float, default=None,
+                   help="share of audio's label-relevant signal that vision and language also see, in [0, 1]")
+    g.add_argument("--regime", default="default", choices=sorted(REGIMES),
+                   help="named knob settings of the simulator (labels_bottleneck: noisy labels, fewer of them)")
 
 
 def _sim_knobs(args) -> dict:
-    knobs = {"scale": args.scale, "seed": args.seed}
-    if args.audio_predictability is not None:
-        knobs["audio_predictability"] = args.audio_predictability
+    knobs = {"scale": args.scale, "seed": args.seed, **REGIMES[args.regime]}
+    if args.audio_shared is not None:
+        knobs["audio_shared"] = args.audio_shared
     return knobs
 
 
@@ -107,15 +110,16 @@ def _print_table(frame) -> None:
 
 
 def cmd_train(args) -> int:
-    from .model import ModelConfig
-    from .runs import load_or_train
-    from .train import TrainConfig, profile
+    from dataclasses import replace
+
+    from .runs import load_or_train, plan
 
     data = _load(args)
-    prof = profile(args.profile)
-    model_cfg = ModelConfig.for_layout(data.layout, setting=args.setting, **prof.model)
-    train_cfg = TrainConfig(**{**prof.train, "seed": args.seed, "device": args.device})
-    run = load_or_train(model_cfg, train_cfg, data, args.runs_dir, force=args.force, progress=not args.quiet)
+    job = plan(data, [args.setting], [args.seed], args.profile)[0]
+    for need in job.needs:  # kt's target run (the full run of the same seed), trained first if missing
+        load_or_train(need.model, need.train, data, args.runs_dir, progress=not args.quiet)
+    run = load_or_train(job.model, replace(job.train, device=args.device), data, args.runs_dir, force=args.force,
+                        progress=not args.quiet)
     print(f"run {run.id} [{data.kind}] in {run.dir}")
     import pandas as pd
 
@@ -125,25 +129,29 @@ def cmd_train(args) -> int:
 
 
 def cmd_grid(args) -> int:
-    from .runs import compare_with_paper, grid, summarize
+    from .runs import compare_with_paper, grid, summarize, table_notes
 
     data = _load(args)
     tidy = grid(data, args.settings, args.seeds, args.profile, runs_dir=args.runs_dir, force=args.force,
                 progress=not args.quiet)
     print(f"{data.layout.name} [{data.kind}], profile {args.profile}, seeds {args.seeds}: test split, "
           f"mean ± std over seeds (accuracies and F1 in %)")
-    _print_table(compare_with_paper(summarize(tidy)))
+    table = compare_with_paper(summarize(tidy))
+    _print_table(table)
+    print("\n".join(table_notes(table)))
     return 0
 
 
 def cmd_table(args) -> int:
-    from .runs import collect, compare_with_paper, summarize
+    from .runs import collect, compare_with_paper, summarize, table_notes
 
     tidy = collect(args.runs_dir)
     if tidy.empty:
         print("no finished runs in the store yet; train some with `python -m ktlib train` or `grid`")
         return 0
-    _print_table(compare_with_paper(summarize(tidy), split=args.split))
+    table = compare_with_paper(summarize(tidy), split=args.split)
+    _print_table(table)
+    print("\n".join(table_notes(table)))
     return 0
 
 
@@ -245,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(p, settings_many=True)
     p.set_defaults(func=cmd_grid)
 
-    p = sub.add_parser("table", help="summarise every finished run in the store")
+    p = sub.add_parser("table", help="summarise every finished run in the store, one row per configuration")
     p.add_argument("--runs-dir", default=None, help="run store (default runs/, or $KTLIB_RUNS_DIR)")
     p.add_argument("--split", choices=("valid", "test"), default="test", help="which split (default test)")
     p.set_defaults(func=cmd_table)

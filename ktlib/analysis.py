@@ -1,19 +1,26 @@
-"""Reconstructed vs real audio: how close the knowledge-transfer network's f'_A comes to the real audio's f_A.
+"""Reconstructed vs real audio: how close the knowledge-transfer network's f'_A comes to the real audio, and how
+much of the audio's *ground-truth* affect it recovers.
 
-:func:`audio_embeddings` runs a trained ``kt`` model over a split and keeps, per sample and audio frame, the real
-audio's representation f_A (the consistency target, computed from the audio for this analysis only), the fused
-reconstruction f'_A, and the two partial reconstructions theta(f_V) and phi(f_L).  The predictions of the model
-never see the audio; the reconstructions are computed exactly as at test time.
+:func:`audio_embeddings` runs a trained ``kt`` model over a split and keeps, per sample and frame of the
+reconstruction's time axis (the shared word slots, or the language's word slots on unaligned data), the
+consistency target f_A (computed from the audio for this analysis only, without dropout, averaged over each
+word's span on unaligned data), the fused reconstruction f'_A and the two partial reconstructions theta(f_V) and
+phi(f_L).  The predictions of the model never see the audio; the reconstructions are computed exactly as at test
+time.  On simulated data it also keeps the simulator's ground truth on the same frames (:data:`TRUTH`).
 
-Measures (all on the frames where the audio is real):
+Measures, all on frames where both the audio and the reconstruction are real:
 
-- per sample: cosine similarity of the time-averaged vectors, and the mean squared error over frames and features;
-- a baseline for both: the same measure against another, randomly paired sample's f_A, so that a reconstruction
-  that only learned "what audio looks like on average" is told apart from one that is specific to its sample;
-- per feature dimension: Pearson correlation across samples of the time-averaged vectors;
-- linear CKA (centred kernel alignment, Kornblith et al. 2019) between two sets of time-averaged vectors:
-  ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred Xc, Yc; 1 for representations equal up
-  to rotation and isotropic scaling, near 0 for unrelated ones.
+- :func:`reconstruction_r2`: held-out R^2 of a ridge probe (centred, its penalty chosen on the validation split)
+  from each representation, frame by frame, to the ground-truth audio signal: its label-relevant part (shared and
+  private together), each part alone, and the nuisance.  Beside it the *ceiling*, the best such linear reading
+  from the raw vision and language features (the frame and its utterance's mean), and a *shuffled* baseline (the
+  probe of f'_A scored against another utterance's truth).
+- :func:`frame_cka`: linear CKA (centred kernel alignment, Kornblith et al. 2019) between frame-level
+  representations, ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centred Xc, Yc: 1 for
+  representations equal up to rotation and isotropic scaling, near 0 for unrelated ones; against f_A of the same
+  utterance and of another one (frames paired by slot).
+- :func:`similarity_table`: per sample cosine and MSE of the frames (centred over the split), same utterance vs
+  another utterance, and per-dimension correlation.
 """
 
 from __future__ import annotations
@@ -25,24 +32,33 @@ import pandas as pd
 import torch
 
 from .data import MultimodalData, make_loader
-from .model import KTModel
+from .model import KTModel, pool_onto
 
 NAMES = {"f_a": "f_A (real audio)", "f_a_hat": "f'_A (reconstructed)", "a_from_v": "θ(f_V) (from vision)",
          "a_from_l": "φ(f_L) (from language)"}
 RECONSTRUCTIONS = ("f_a_hat", "a_from_v", "a_from_l")
+# Ground truth of the simulator, per audio frame: name -> the truth arrays summed (see ktlib.simulate).
+TRUTH = {"label-relevant": ("audio_affect_shared", "audio_affect_private"), "shared": ("audio_affect_shared",),
+         "private": ("audio_affect_private",), "nuisance": ("audio_nuisance",)}
 
 
 @dataclass
 class AudioEmbeddings:
-    """Per-frame representations of one split: ``frames[name]`` is (N, T_a, d) for each name of ``NAMES``."""
+    """Per-frame representations of one split on the reconstruction's time axis: ``frames[name]`` is (N, T', d)."""
 
     frames: dict[str, np.ndarray]
-    real: np.ndarray  # (N, T_a) bool: real (non-padding) audio frames
+    real: np.ndarray  # (N, T') bool: frames where the audio target and the reconstruction are real
     y: np.ndarray  # the labels: (N,) sentiment, or (N, 4) emotion indicators for IEMOCAP
+    truth: dict[str, np.ndarray] | None = None  # simulator ground truth on the same frames, (N, T', k) per TRUTH
 
     def pooled(self, name: str) -> np.ndarray:
-        """(N, d): the mean over each sample's real audio frames (zeros for a sample without any)."""
+        """(N, d): the mean over each sample's real frames (zeros for a sample without any)."""
         return frame_mean(self.frames[name], self.real)
+
+    def stacked(self, name: str) -> np.ndarray:
+        """(F, d): every real frame of every sample (frames of a representation, or of a truth entry)."""
+        source = self.frames if name in self.frames else self.truth
+        return source[name][self.real]
 
 
 def frame_mean(x: np.ndarray, real: np.ndarray) -> np.ndarray:
@@ -51,32 +67,52 @@ def frame_mean(x: np.ndarray, real: np.ndarray) -> np.ndarray:
     return (x * w).sum(1) / np.maximum(w.sum(1), 1.0)
 
 
+def _truth_batch(data: MultimodalData, split: str, index: torch.Tensor, mask_a: torch.Tensor,
+                 mask_l: torch.Tensor, steps: int) -> dict[str, torch.Tensor] | None:
+    """The simulator's per-audio-frame truth for a batch, on the reconstruction's ``steps`` (pooled over each word's
+    span when that is the language's axis)."""
+    if data.truth is None or split not in data.truth:
+        return None
+    truth = data.truth[split]
+    out = {}
+    for name, parts in TRUTH.items():
+        value = torch.from_numpy(sum(truth[p][index.numpy()] for p in parts).astype(np.float32))  # (B, T_a, k)
+        out[name] = value if value.shape[1] == steps else pool_onto(value, mask_a, mask_l)[0]
+    return out
+
+
 @torch.no_grad()
 def audio_embeddings(model: KTModel, data: MultimodalData, split: str = "test", batch_size: int = 64,
                      device: str | torch.device = "cpu") -> AudioEmbeddings:
-    """f_A, f'_A, theta(f_V) and phi(f_L) of every sample of ``split`` from a trained ``kt`` model."""
+    """f_A, f'_A, theta(f_V) and phi(f_L) of every sample of ``split`` from a trained ``kt`` model, and the
+    simulator's truth on the same frames when the data is simulated."""
     if model.cfg.setting != "kt":
         raise ValueError(f"a reconstruction needs a 'kt' model, got setting {model.cfg.setting!r}")
     model = model.to(device).eval()
     frames: dict[str, list[np.ndarray]] = {name: [] for name in NAMES}
+    truths: dict[str, list[np.ndarray]] = {name: [] for name in TRUTH}
     real, ys = [], []
     for batch in make_loader(data, split, batch_size, shuffle=False):
+        index = batch["index"]
         batch = {k: v.to(device) for k, v in batch.items()}
         _, details = model(batch, return_details=True)  # eval mode: built from language and vision only
-        details["f_a"] = model.audio_target(batch)
-        t_a = details["f_a"].shape[1]
+        details["f_a"], frames_real = model.audio_target(batch)
+        if details["mask_a_hat"] is not None:
+            frames_real = frames_real & ~details["mask_a_hat"]
+        steps = details["f_a"].shape[1]
         for name in NAMES:
-            if details[name].shape[1] != t_a:
-                raise ValueError(f"{name} has {details[name].shape[1]} steps but the audio has {t_a}; compare on "
-                                 "the audio's time axis (kt_time_axis='queries' for unaligned data)")
             frames[name].append(details[name].float().cpu().numpy())
-        real.append((~batch["mask_a"]).cpu().numpy())
+        truth = _truth_batch(data, split, index, batch["mask_a"].cpu(), batch["mask_l"].cpu(), steps)
+        for name, value in (truth or {}).items():
+            truths[name].append(value.numpy())
+        real.append(frames_real.cpu().numpy())
         ys.append(batch["y"].cpu().numpy())
     y = np.concatenate(ys)
     y = y.reshape(len(y), -1)[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
     if y.ndim == 3:  # IEMOCAP one-hot (N, 4, 2): keep "emotion present"
         y = y[..., 1]
-    return AudioEmbeddings({k: np.concatenate(v) for k, v in frames.items()}, np.concatenate(real), y)
+    truth = {k: np.concatenate(v) for k, v in truths.items()} if truths["shared"] else None
+    return AudioEmbeddings({k: np.concatenate(v) for k, v in frames.items()}, np.concatenate(real), y, truth)
 
 
 def cosine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -119,29 +155,123 @@ def shuffled(n: int, seed: int = 0) -> np.ndarray:
 
 
 def similarity_table(emb: AudioEmbeddings, seed: int = 0) -> pd.DataFrame:
-    """Per reconstruction: mean cosine and MSE against its own sample's f_A and against another sample's, the
-    mean per-dimension correlation and linear CKA with f_A."""
-    target, perm = emb.pooled("f_a"), shuffled(len(emb.y), seed)
+    """Per reconstruction, frame by frame on real frames and centred (the split's mean frame of each
+    representation removed): mean cosine and MSE against its own utterance's f_A and against another utterance's
+    (frames paired by slot), the mean per-dimension correlation across frames, and frame-level linear CKA."""
+    perm = shuffled(len(emb.y), seed)
+    both = emb.real & emb.real[perm]  # slots real in an utterance and in its partner
+
+    def centred(name):
+        x = emb.frames[name].astype(np.float64)
+        return np.where(emb.real[..., None], x - x[emb.real].mean(0), 0.0)
+
+    target = centred("f_a")
     rows = []
     for name in RECONSTRUCTIONS:
-        rec = emb.pooled(name)
-        rows.append({"reconstruction": NAMES[name],
-                     "cosine (same sample)": cosine(rec, target).mean(),
-                     "cosine (other sample)": cosine(rec, target[perm]).mean(),
-                     "MSE (same sample)": frame_mse(emb.frames[name], emb.frames["f_a"], emb.real).mean(),
-                     "MSE (other sample)": frame_mse(emb.frames[name], emb.frames["f_a"][perm],
-                                                     emb.real & emb.real[perm]).mean(),
-                     "mean per-dim corr": np.nanmean(per_dim_corr(rec, target)),
-                     "linear CKA with f_A": linear_cka(rec, target)})
+        rec = centred(name)
+        own = _frame_cosine(rec, target, emb.real)
+        other = _frame_cosine(rec, target[perm], both)
+        rows.append({"reconstruction": NAMES[name], "cosine (same utterance)": own,
+                     "cosine (other utterance)": other,
+                     "MSE (same utterance)": frame_mse(rec, target, emb.real).mean(),
+                     "MSE (other utterance)": frame_mse(rec, target[perm], both)[both.any(1)].mean(),
+                     "mean per-dim corr": np.nanmean(per_dim_corr(rec[emb.real], target[emb.real])),
+                     "frame CKA with f_A": linear_cka(rec[emb.real], target[emb.real]),
+                     "frame CKA, other utterance": linear_cka(rec[both], target[perm][both])})
     return pd.DataFrame(rows)
 
 
-def cka_matrix(emb: AudioEmbeddings, extra: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
-    """Linear CKA between every pair of the pooled representations (plus ``extra`` (N, k) arrays)."""
-    blocks = {NAMES[n]: emb.pooled(n) for n in NAMES} | dict(extra or {})
+def _frame_cosine(x: np.ndarray, y: np.ndarray, real: np.ndarray) -> float:
+    """Mean cosine similarity over the ``real`` frames of two (N, T, d) arrays."""
+    return float(cosine(x[real], y[real]).mean()) if real.any() else float("nan")
+
+
+def frame_cka(emb: AudioEmbeddings, extra: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """Linear CKA between every pair of frame-level representations (stacked real frames), plus ``extra``
+    (F, k) arrays on the same frames (e.g. ground truth or raw features)."""
+    blocks = {NAMES[n]: emb.stacked(n) for n in NAMES} | dict(extra or {})
     names = list(blocks)
     return pd.DataFrame([[linear_cka(blocks[a], blocks[b]) for b in names] for a in names], index=names,
                         columns=names)
+
+
+cka_matrix = frame_cka  # the former name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reconstruction scored against the simulator's ground truth
+
+
+PENALTIES = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)  # ridge penalties tried on the validation split
+
+
+def ridge_r2(x: dict[str, np.ndarray], y: dict[str, np.ndarray], penalties=PENALTIES) -> tuple[float, float]:
+    """Held-out R^2 on ``test`` of a ridge regression x -> y (features standardised, intercept free), its penalty
+    chosen on ``valid`` and refitted on ``train``: ((test R^2 pooled over y's columns), penalty)."""
+
+    def r2(truth, pred):
+        resid = ((truth - pred) ** 2).sum()
+        total = ((truth - truth.mean(0)) ** 2).sum()
+        return float(1 - resid / total) if total > 0 else float("nan")
+
+    fits = {a: _ridge_fit(x["train"], y["train"], a) for a in penalties}
+    best = max(penalties, key=lambda a: r2(y["valid"], _ridge_predict(*fits[a], x["valid"])))
+    return r2(y["test"], _ridge_predict(*fits[best], x["test"])), best
+
+
+def raw_frames(data: MultimodalData, split: str, emb: AudioEmbeddings) -> np.ndarray:
+    """(F, D_l + D_v) * 2: per real frame of ``emb``, the raw language and vision features on the reconstruction's
+    axis (vision averaged over each word's span on unaligned data) and their utterance means."""
+    l = data[split].features("l").astype(np.float32)
+    v = data[split].features("v").astype(np.float32)
+    if v.shape[1] != l.shape[1]:
+        mask_v, mask_l = torch.from_numpy(~(v != 0).any(-1)), torch.from_numpy(~(l != 0).any(-1))
+        v = pool_onto(torch.from_numpy(v), mask_v, mask_l)[0].numpy()
+    x = np.concatenate([l, v], -1)  # (N, T', D)
+    means = frame_mean(x, emb.real)  # (N, D)
+    return np.concatenate([x, np.broadcast_to(means[:, None], x.shape)], -1)[emb.real]
+
+
+def reconstruction_r2(embeddings: dict[str, AudioEmbeddings], data: MultimodalData, seed: int = 0) -> pd.DataFrame:
+    """How much of the audio's ground truth each representation recovers, frame by frame: held-out R^2 (test) of a
+    ridge probe fitted on train (penalty chosen on valid), for every truth part of :data:`TRUTH` that is not zero.
+
+    ``embeddings``: {"train", "valid", "test"} -> :func:`audio_embeddings` of the same model.  Rows: f'_A, theta(f_V),
+    phi(f_L), f_A itself (how much of the truth the target carries), the raw language and vision features (the
+    ceiling of a linear reading) and f'_A against another utterance's truth (the shuffled baseline, near 0).
+    """
+    splits = ("train", "valid", "test")
+    if any(embeddings[s].truth is None for s in splits):
+        raise ValueError("ground truth is only known for simulated data; this dataset is real")
+    perm = shuffled(len(embeddings["test"].y), seed)
+    rows = []
+    sources = {NAMES[n]: {s: embeddings[s].stacked(n) for s in splits} for n in ("f_a_hat", "a_from_v", "a_from_l",
+                                                                               "f_a")}
+    sources["raw language + vision (ceiling)"] = {s: raw_frames(data, s, embeddings[s]) for s in splits}
+    for part in TRUTH:
+        y = {s: embeddings[s].stacked(part).astype(np.float64) for s in splits}
+        if not np.abs(y["train"]).any():  # this part is zero in this simulation (e.g. private at audio_shared=1)
+            continue
+        for name, x in sources.items():
+            value, penalty = ridge_r2(x, y)
+            rows.append({"truth": part, "representation": name, "R2": value, "penalty": penalty})
+        # shuffled baseline: the same probe of f'_A, scored against another utterance's truth (frames by slot)
+        test = embeddings["test"]
+        both = test.real & test.real[perm]
+        x = sources[NAMES["f_a_hat"]]
+        fit = _ridge_fit(x["train"], y["train"], ridge_r2(x, y)[1])
+        pred = _ridge_predict(*fit, test.frames["f_a_hat"][both])
+        truth = test.truth[part][perm][both].astype(np.float64)
+        total = ((truth - truth.mean(0)) ** 2).sum()
+        rows.append({"truth": part, "representation": "f'_A vs another utterance (shuffled)",
+                     "R2": float(1 - ((truth - pred) ** 2).sum() / total) if total > 0 else float("nan"),
+                     "penalty": np.nan})
+    return pd.DataFrame(rows)
+
+
+def reconstruction_embeddings(model: KTModel, data: MultimodalData) -> dict[str, AudioEmbeddings]:
+    """:func:`audio_embeddings` of train, valid and test (what :func:`reconstruction_r2` needs)."""
+    return {s: audio_embeddings(model, data, s) for s in ("train", "valid", "test")}
 
 
 def embed_2d(blocks: dict[str, np.ndarray], method: str = "pca", seed: int = 0) -> dict[str, np.ndarray]:

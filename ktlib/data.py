@@ -210,6 +210,7 @@ class MultimodalData:
     sim_config: SimConfig | None = None
     truth: dict[str, dict[str, np.ndarray]] | None = None  # simulator ground truth, per split
     ceiling: dict[str, dict[str, float]] | None = None  # simulator noise ceiling, per split
+    ceiling_lv: dict[str, dict[str, float]] | None = None  # ... of an oracle that knows only what L and V see
     path: Path | None = None  # the file it was read from (the cache file for a simulation)
 
     def __getitem__(self, split: str) -> SplitData:
@@ -451,7 +452,8 @@ def save_simulation(sim: Simulation, cache_dir: str | Path | None = None) -> dic
     paths["data"].parent.mkdir(parents=True, exist_ok=True)
     atomic_write(paths["truth"], lambda f: np.savez(f, **{
         f"{split}/{k}": v for split, t in sim.truth.items() for k, v in t.items()}))
-    meta = {"config": asdict(sim.config), "ceiling": sim.ceiling, "seconds": sim.seconds, "synthetic": True}
+    meta = {"config": asdict(sim.config), "ceiling": sim.ceiling, "ceiling_lv": sim.ceiling_lv, "seconds": sim.seconds,
+            "synthetic": True}
     atomic_write(paths["meta"], lambda f: f.write(json.dumps(meta, indent=2).encode()))
     # The data file last: its presence marks a complete cache entry.
     atomic_write(paths["data"], lambda f: pickle.dump(sim.raw, f, protocol=4))
@@ -476,8 +478,9 @@ def load_simulated(config: SimConfig | None = None, cache_dir: str | Path | None
     data.sim_config = config
     data.truth = truth
     data.ceiling = meta["ceiling"]
+    data.ceiling_lv = meta.get("ceiling_lv")
     data.source = (f"simulator ({config.dataset}, {config.alignment}, seed {config.seed}, scale {config.scale}, "
-                   f"audio_predictability {config.audio_predictability}); cached at {paths['data']}")
+                   f"audio_shared {config.audio_shared}); cached at {paths['data']}")
     return data
 
 
@@ -493,7 +496,7 @@ def get_data(dataset: str = "mosi", alignment: str = "aligned", source: str = "a
     """Real MulT file if available (``source="auto"`` or ``"real"``), else the simulator (``"simulated"``).
 
     ``data_dir`` is where real files are looked for; a simulation falling back from it is cached in its ``sim/``.
-    ``sim_knobs`` are :class:`~ktlib.simulate.SimConfig` fields (``scale``, ``seed``, ``audio_predictability``, ...).
+    ``sim_knobs`` are :class:`~ktlib.simulate.SimConfig` fields (``scale``, ``seed``, ``audio_shared``, ...).
     """
     if source not in ("auto", "real", "simulated"):
         raise ValueError(f"source must be 'auto', 'real' or 'simulated', got {source!r}")

@@ -7,16 +7,21 @@ the same functions, so a result is read back from the run store, never trained t
 - :func:`predictability_runs`: language+vision and kt on simulated data whose audio is more or less predictable
   from vision and language (the simulator's ``audio_predictability``); simulator only.
 - :func:`paired_differences` and :func:`claims`: kt against language+vision seed by seed, and which of the paper's
-  claims a set of runs supports.
+  claims a set of runs supports.  Both pair the two sides by training seed and judge with the one rule of
+  :mod:`ktlib.stats`: the mean of the signed per-seed differences, its 95 % Student-t interval and the sign count;
+  "supported" only when the interval excludes zero in the claimed direction, "opposite" when it excludes zero the
+  other way, "undecided" otherwise ("undecided (1 seed)" with a single seed).
 - :func:`robustness_runs` and :func:`auilc_table` (beyond the paper): MulT on zero-filled inputs, knowledge
   transfer for any missing modality (``kt_any``) and a MITR-DNet-style distillation student, scored under the
   missing-data protocols of :mod:`ktlib.missing` at every rate; the area under each metric-vs-rate curve.
+
+Every "mean ± std over seeds" is the sample std (ddof=1) of :func:`ktlib.stats.mean_std`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +31,20 @@ from .data import MultimodalData, atomic_write, from_recipe, load_simulated
 from .metrics import LOWER_IS_BETTER
 from .missing import RATES, Protocol, auilc
 from .model import SETTINGS  # the five settings of Tables I-III
-from .runs import Job, Run, default_runs_dir, default_workers, in_pool, plan, read_jobs, run_id, run_jobs, train_missing
+from .runs import (
+    Job,
+    Run,
+    data_label,
+    default_runs_dir,
+    default_workers,
+    in_pool,
+    plan,
+    read_jobs,
+    run_id,
+    run_jobs,
+    train_missing,
+)
+from .stats import paired, seed_table
 
 # Ablation families: label -> ModelConfig overrides of the kt model.  The default kt model is in each family.
 CONSISTENCY = {"L2": {}, "L1": {"consistency": "l1"}}  # Table V
@@ -71,76 +89,93 @@ def predictability_runs(data: MultimodalData, seeds, profile_name: str, values=P
     return table
 
 
-def paired_differences(tidy: pd.DataFrame, a: str = "kt", b: str = "language_vision", split: str = "test",
-                       metrics=("mae", "corr", "acc2_non0", "f1_non0", "acc7")) -> pd.DataFrame:
-    """Seed by seed, ``a`` minus ``b`` per metric, signed so that a positive number means ``a`` is better.
+def _seed_differences(tidy: pd.DataFrame, column: str, a: str, b: str, metric: str,
+                      split: str) -> tuple[list[int], list[float]]:
+    """The seeds where both ``a`` and ``b`` (values of ``column``) have ``metric`` on ``split``, and per seed
+    ``a - b`` signed so that positive means ``a`` is better.  Refuses a table with two runs of one label and seed
+    (two configurations under one name would be paired arbitrarily)."""
+    part = tidy[(tidy["split"] == split) & (tidy["metric"] == metric) & tidy[column].isin([a, b])]
+    twice = part[part.duplicated(["seed", column], keep=False)]
+    if len(twice):
+        labels = sorted(set(twice[column]))
+        raise ValueError(f"{column} {labels}: several runs with the same seed for {metric} ({split}); pass one "
+                         f"configuration per {column} (e.g. a table of read_jobs, or filter on its config column)")
+    wide = part.pivot(index="seed", columns=column, values="value")
+    if a not in wide or b not in wide:
+        return [], []
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    diff = (sign * (wide[a] - wide[b])).dropna().sort_index()
+    return [int(seed) for seed in diff.index], [float(v) for v in diff]
 
-    Returns one row per metric: the per-seed differences, their mean and population std, on how many seeds
-    ``a`` is better, and a paired t statistic (mean / (sample std / sqrt(n))); NaN with fewer than two seeds.
+
+def _judged(diff: list[float]) -> dict:
+    """The claim columns of :func:`claims` for per-seed differences (none: "not run")."""
+    result = paired(diff)
+    return {"n_seeds": result.n, "mean_diff": result.mean, "ci_low": result.low, "ci_high": result.high,
+            "signs": result.signs, "verdict": result.verdict}
+
+
+def paired_differences(tidy: pd.DataFrame, a: str = "kt", b: str = "language_vision", split: str = "test",
+                       metrics=("mae", "corr", "acc2_non0", "f1_non0", "acc7"),
+                       column: str = "setting") -> pd.DataFrame:
+    """Seed by seed, ``a`` minus ``b`` (values of ``column``) per metric, signed so that positive means ``a`` is
+    better, judged by :func:`ktlib.stats.paired` and :func:`ktlib.stats.verdict`.
+
+    One row per metric that both sides have: ``metric``, ``n_seeds`` (seeds with both runs), ``seeds``,
+    ``differences`` (per seed, in the order of ``seeds``), ``mean_diff``, ``std`` (sample std of the differences),
+    ``ci_low`` / ``ci_high`` (the 95 % Student-t interval of the mean difference; NaN with one seed), ``signs``
+    (e.g. "4/5": ``a`` better on 4 of 5 seeds) and ``verdict`` ("supported": ``a`` better, "opposite": ``b``
+    better, "undecided", "undecided (1 seed)").
     """
-    part = tidy[(tidy["split"] == split) & tidy["setting"].isin([a, b])]
     rows = []
     for metric in metrics:
-        cell = part[part["metric"] == metric].pivot_table(index="seed", columns="setting", values="value")
-        if a not in cell or b not in cell:
+        seeds, diff = _seed_differences(tidy, column, a, b, metric, split)
+        if not seeds:
             continue
-        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-        diff = sign * (cell[a] - cell[b]).dropna().to_numpy()
-        n = len(diff)
-        sd = float(np.std(diff, ddof=1)) if n > 1 else float("nan")
-        t = float(diff.mean() / (sd / np.sqrt(n))) if n > 1 and sd > 0 else float("nan")
-        rows.append({"metric": metric, "n_seeds": n, "differences": np.round(diff, 4).tolist(),
-                     "mean": float(diff.mean()), "std": float(np.std(diff)), "better_on": int((diff > 0).sum()),
-                     "t": t})
+        result = paired(diff)
+        rows.append({"metric": metric, "n_seeds": result.n, "seeds": seeds,
+                     "differences": [round(v, 4) for v in diff], "mean_diff": result.mean, "std": result.std,
+                     "ci_low": result.low, "ci_high": result.high, "signs": result.signs,
+                     "verdict": result.verdict})
     return pd.DataFrame(rows)
-
-
-def _verdict(gain: float, noise: float, seeds: int) -> str:
-    if not np.isfinite(gain):
-        return "not run"
-    if seeds < 2:  # no spread to judge against: report the direction only
-        return "same direction (1 seed)" if gain > 0 else "opposite direction (1 seed)"
-    if abs(gain) <= noise:
-        return "within seed noise"
-    return "supported" if gain > 0 else "not supported"
 
 
 def claims(main: pd.DataFrame, ablations: dict[str, pd.DataFrame] | None = None,
-           metric: str = "mae") -> pd.DataFrame:
-    """The paper's claims, each checked on these runs with ``metric`` on the test split.
+           metrics: str | tuple[str, ...] | list[str] = "mae", split: str = "test") -> pd.DataFrame:
+    """The paper's claims, each checked on these runs, paired by seed, in each of ``metrics`` on ``split``.
 
-    A claim's gain is signed so that positive supports it.  Its verdict is "supported" or "not supported" when
-    the gain exceeds the noise (the larger population std over seeds of the two numbers compared), else "within
-    seed noise"; with a single seed there is no noise to judge against and the verdict gives the direction only.
+    ``metrics``: one metric name or several (e.g. ``("mae", "corr")``); one row per claim and metric, claims in
+    order, metrics within a claim.  Columns: ``claim``, ``source``, ``metric``, ``mean_diff`` (mean over seeds of
+    the per-seed difference, signed so that positive supports the claim), ``ci_low`` / ``ci_high`` (its 95 %
+    Student-t interval), ``signs`` (e.g. "4/5": seeds on which the difference is positive), ``n_seeds`` and
+    ``verdict`` (:func:`ktlib.stats.verdict`: "supported", "opposite", "undecided", "undecided (1 seed)", or
+    "not run" when the runs are not there).  ``ablations``: family name -> tidy table, as
+    :func:`ablation_runs` returns.
     """
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
 
-    def cell(tidy, column, value):
-        return tidy[(tidy[column] == value) & (tidy["metric"] == metric) & (tidy["split"] == "test")]["value"]
+    def rows(claim, source, tidy, column, better, worse):
+        out = []
+        for metric in metrics:
+            _, diff = _seed_differences(tidy, column, better, worse, metric, split) if tidy is not None else ([], [])
+            out.append({"claim": claim, "source": source, "metric": metric, **_judged(diff)})
+        return out
 
-    def row(claim, source, tidy, column, better, worse):
-        a, b = cell(tidy, column, better), cell(tidy, column, worse)
-        gain = sign * (a.mean() - b.mean()) if len(a) and len(b) else float("nan")
-        noise = max(float(np.std(a)) if len(a) else 0.0, float(np.std(b)) if len(b) else 0.0)
-        seeds = min(len(a), len(b))
-        return {"claim": claim, "source": source, "metric": metric, "gain": gain, "noise": noise, "seeds": seeds,
-                "verdict": _verdict(gain, noise, seeds)}
-
-    rows = [row("reconstructing audio beats dropping it (kt vs language+vision)", "Tables I-III", main, "setting",
-                "kt", "language_vision"),
-            row("the full model, with real audio, is best (full vs kt)", "Tables I-III", main, "setting", "full",
-                "kt"),
-            row("two modalities beat one (language+vision vs language only)", "Tables I-III", main, "setting",
-                "language_vision", "language_only")]
+    table = [*rows("reconstructing audio beats dropping it (kt vs language+vision)", "Tables I-III", main,
+                   "setting", "kt", "language_vision"),
+             *rows("the full model, with real audio, is best (full vs kt)", "Tables I-III", main, "setting", "full",
+                   "kt"),
+             *rows("two modalities beat one (language+vision vs language only)", "Tables I-III", main, "setting",
+                   "language_vision", "language_only")]
     if ablations:
-        rows.append(row("L2 consistency beats L1", "Table V", ablations["consistency"], "variant", "L2", "L1"))
+        table += rows("L2 consistency beats L1", "Table V", ablations.get("consistency"), "variant", "L2", "L1")
         for single in ("target=language", "target=audio", "target=vision"):
-            rows.append(row(f"all target branches beat {single} alone", "Table IV", ablations["targets"],
-                            "variant", "all targets", single))
-        rows.append(row("the consistency loss helps (lambda=1 vs lambda=0)", "beyond the paper",
-                        ablations["lambda"], "variant", "lambda=1", "lambda=0"))
-    return pd.DataFrame(rows)
-
+            table += rows(f"all target branches beat {single} alone", "Table IV", ablations.get("targets"),
+                          "variant", "all targets", single)
+        table += rows("the consistency loss helps (lambda=1 vs lambda=0)", "beyond the paper",
+                      ablations.get("lambda"), "variant", "lambda=1", "lambda=0")
+    columns = ["claim", "source", "metric", "mean_diff", "ci_low", "ci_high", "signs", "n_seeds", "verdict"]
+    return pd.DataFrame(table, columns=columns)
 
 
 def predictions(tidy: pd.DataFrame, data: MultimodalData, seed: int, split: str = "test") -> dict[str, np.ndarray]:
@@ -280,13 +315,15 @@ def robustness_runs(data: MultimodalData, seeds, profile_name: str, kinds=("fixe
                    else Run.load(folder / rid).metrics["test"])  # trained under the protocol: its own test score
         rows += [{"method": method, "kind": protocol.kind, "phase": phase, "level": _level(protocol),
                   "rate": protocol.rate if protocol.kind != "fixed" else np.nan, "seed": seed, "metric": metric,
-                  "value": value, "data": data.kind, "run": rid} for metric, value in metrics.items()]
+                  "value": value, "data": data_label(data.layout.name, data.synthetic), "run": rid}
+                 for metric, value in metrics.items()]
     return pd.DataFrame(rows)
 
 
 def auilc_table(tidy: pd.DataFrame, metrics=("mae", "corr", "acc2_non0", "f1_non0", "acc7")) -> pd.DataFrame:
     """AUILC (area under the metric-vs-rate curve over the rates run, per unit rate) per method, kind and phase:
-    mean and population std over seeds.  Fixed-pattern rows are left out (they have no rate).
+    mean, sample std (ddof=1, :func:`ktlib.stats.mean_std`) and number of ``seeds``.  Fixed-pattern rows are left
+    out (they have no rate).
 
     A correlation is undefined for constant predictions (e.g. every frame dropped at r = 1); it counts as 0 here,
     no linear relation, so that the curve has a value at every rate.
@@ -296,9 +333,7 @@ def auilc_table(tidy: pd.DataFrame, metrics=("mae", "corr", "acc2_non0", "f1_non
     per_seed = (part.groupby(["data", "method", "kind", "phase", "metric", "seed"], sort=False)
                 .apply(lambda g: auilc(g["rate"].to_numpy(), g["value"].to_numpy()), include_groups=False)
                 .rename("auilc").reset_index())
-    out = per_seed.groupby(["data", "method", "kind", "phase", "metric"], sort=False)["auilc"].agg(
-        mean="mean", std=lambda v: float(np.std(v)), seeds="count")
-    return out.reset_index()
+    return seed_table(per_seed, ["data", "method", "kind", "phase", "metric"], value="auilc", count="seeds")
 
 
 def robustness_params(kinds: str, train_test_kinds: str, rates: str, train_test_rates: str, seeds: int):
@@ -336,3 +371,151 @@ def robustness_params(kinds: str, train_test_kinds: str, rates: str, train_test_
     if problems:
         raise ValueError("notebook parameters out of range:\n  - " + "\n  - ".join(problems))
     return (*result, list(range(1, seeds + 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# When and why reconstruction helps: targets, placebo and controls under the simulator's story
+
+# Where kt's consistency target comes from (ModelConfig overrides; target_from picks the run for kt_target="run").
+TRANSFER_TARGETS = {
+    "random": {"kt_target": "random"},  # a frozen, randomly initialised audio encoder (eval mode)
+    "placebo": {"kt_target": "run", "kt_target_shuffle": True},  # the full run's projection of another sample
+    "full": {"kt_target": "run"},  # the full run's audio projection (the workbook's default)
+    "audio_only": {"kt_target": "run", "target_from": "audio_only"},  # an audio-only run's projection
+}
+SUPERVISION = {"": {}, " +f'A": {"kt_hat_weight": 1.0}}  # delta's output f'_A supervised too (beyond eq. 6)
+MATCHED_LV = {"d": 32, "layers": 2}  # language+vision with about kt's parameter count (quick: 96k vs 101k)
+
+
+def transfer_variants(targets=tuple(TRANSFER_TARGETS), supervision=tuple(SUPERVISION), **extra) -> dict:
+    """kt variants ``"target=<name><supervision>"`` -> overrides (``extra``: more labelled variants)."""
+    out = {f"target={t}{s}": {**TRANSFER_TARGETS[t], **SUPERVISION[s]} for t in targets for s in supervision}
+    return {**out, **extra}
+
+
+@dataclass
+class Cell:
+    """One place of the simulator's story where methods are compared over the same seeds."""
+
+    regime: str = "default"  # a key of ktlib.simulate.REGIMES
+    knobs: dict = field(default_factory=dict)  # further SimConfig overrides
+    baselines: dict = field(default_factory=lambda: {"language_vision": ("language_vision", {}),
+                                                     "full": ("full", {})})  # label -> (setting, overrides)
+    variants: dict = field(default_factory=transfer_variants)  # kt label -> overrides
+
+
+def simulated_like(data: MultimodalData, **knobs) -> MultimodalData:
+    """The simulation of ``data`` with some knobs changed (cached beside it)."""
+    if data.sim_config is None:
+        raise ValueError(f"{data.describe().splitlines()[0]}: this needs the simulator (real data has no knobs)")
+    cache = data.path.parent if data.path is not None else None
+    return load_simulated(replace(data.sim_config, **knobs), cache_dir=cache)
+
+
+def equal_steps(profile_name: str, train_scale: float) -> dict:
+    """TrainConfig overrides that give a smaller or larger training set the profile's number of optimisation steps
+    (epochs / train_scale), so that a size comparison is about the data, not the training budget."""
+    from .train import profile
+
+    epochs = profile(profile_name).train.get("epochs", 40)
+    return {} if train_scale == 1 else {"epochs": max(1, round(epochs / train_scale))}
+
+
+def _cell_jobs(data: MultimodalData, cell: Cell, seeds, profile_name: str) -> list[Job]:
+    from .simulate import REGIMES
+
+    sim = simulated_like(data, **{**REGIMES[cell.regime], **cell.knobs})
+    train = equal_steps(profile_name, sim.sim_config.train_scale)
+    jobs = []
+    for label, (setting, overrides) in cell.baselines.items():
+        jobs += plan(sim, [setting], seeds, profile_name, {label: overrides}, train=train)
+    return jobs + plan(sim, ["kt"], seeds, profile_name, cell.variants, train=train)
+
+
+def transfer_runs(data: MultimodalData, cells: dict[str, Cell], seeds, profile_name: str,
+                  workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Every cell's baselines and kt variants over the seeds, trained together: a tidy table with a ``cell`` and a
+    ``method`` column (the baseline's or kt variant's label)."""
+    jobs = {name: _cell_jobs(data, cell, seeds, profile_name) for name, cell in cells.items()}
+    train_missing([j for js in jobs.values() for j in js], progress=progress, workers=workers)
+    tables = [read_jobs(js).assign(cell=name) for name, js in jobs.items()]
+    tidy = pd.concat(tables, ignore_index=True)
+    tidy["method"] = np.where(tidy["setting"] == "kt", "kt " + tidy["variant"], tidy["variant"])
+    return tidy
+
+
+def paired_table(tidy: pd.DataFrame, pairs, metrics=("mae", "corr"), split: str = "test") -> pd.DataFrame:
+    """For each cell and (a, b) method pair: a's mean ± std over seeds, and a - b paired by seed (signed so that
+    positive means a is better), with its 95 % t interval, sign count and verdict (:mod:`ktlib.stats`)."""
+    from .stats import fmt_mean_std, mean_std
+
+    rows = []
+    part = tidy[tidy["split"] == split]
+    for cell, group in part.groupby("cell", sort=False):
+        for a, b in pairs:
+            for metric in metrics:
+                wide = group[group["metric"] == metric].pivot_table(index="seed", columns="method", values="value")
+                if a not in wide or b not in wide:
+                    continue
+                sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+                both = wide[[a, b]].dropna()
+                result = paired(sign * (both[a] - both[b]))
+                rows.append({"cell": cell, "method": a, "versus": b, "metric": metric,
+                             "value": fmt_mean_std(*mean_std(both[a])), "gain": result.mean,
+                             "low": result.low, "high": result.high, "signs": result.signs,
+                             "verdict": result.verdict})
+    return pd.DataFrame(rows)
+
+
+def transfer_verdicts(tidy: pd.DataFrame, metrics=("mae", "corr")) -> pd.DataFrame:
+    """Per cell and kt variant: transfer is claimed only where kt beats language+vision *and* its placebo (the
+    same supervision with a shuffled target) with the 95 % interval excluding zero on every metric, and full is
+    not worse than kt (its interval does not lie below zero)."""
+    kt_methods = [m for m in tidy["method"].unique() if m.startswith("kt ")]
+    pairs = [(m, "language_vision") for m in kt_methods]
+    pairs += [(m, m.replace(m.split()[1].split("+")[0].strip(), "target=placebo"))
+              for m in kt_methods if "placebo" not in m]
+    pairs += [("full", m) for m in kt_methods]
+    table = paired_table(tidy, pairs, metrics)
+    rows = []
+    for (cell, method), group in table[table["method"].str.startswith("kt ")].groupby(["cell", "method"],
+                                                                                     sort=False):
+        vs_lv = group[group["versus"] == "language_vision"]
+        vs_placebo = group[group["versus"].str.contains("placebo")]
+        full = table[(table["cell"] == cell) & (table["method"] == "full") & (table["versus"] == method)]
+        beats = (len(vs_lv) == len(metrics) and (vs_lv["verdict"] == "supported").all()
+                 and len(vs_placebo) == len(metrics) and (vs_placebo["verdict"] == "supported").all())
+        full_ok = not (full["verdict"] == "opposite").any()
+        rows.append({"cell": cell, "method": method,
+                     **{f"{r.metric} vs language+vision": f"{r.gain:+.3f} [{r.low:+.3f}, {r.high:+.3f}] {r.signs}"
+                        for r in vs_lv.itertuples()},
+                     **{f"{r.metric} vs placebo": f"{r.gain:+.3f} [{r.low:+.3f}, {r.high:+.3f}] {r.signs}"
+                        for r in vs_placebo.itertuples()},
+                     "full not worse": full_ok, "transfer": "shown" if beats and full_ok else "not shown"})
+    return pd.DataFrame(rows)
+
+
+def transfer_cells(main: bool = True, controls: bool = True, sizes=(0.5, 1.0)) -> dict[str, Cell]:
+    """The comparison of the workbook's story (module :mod:`ktlib.simulate`), as cells.
+
+    Main: at the simulator's default and where the labels are the bottleneck, language+vision and full against
+    kt with each target, with and without supervising f'_A.  Controls, each at the labels-bottleneck regime:
+    lambda = 0, language+vision with about kt's parameter count, the knob ``audio_shared`` at 0 (nothing of the
+    audio's affect is shared), and more training utterances (``sizes``: train_scale values, the gain should
+    shrink).
+    """
+    lv_full = {"language_vision": ("language_vision", {}), "full": ("full", {})}
+    cells = {}
+    if main:
+        cells["labels_bottleneck"] = Cell("labels_bottleneck", baselines={
+            **lv_full, "audio_only": ("audio_only", {}), "language_vision (matched)": ("language_vision", MATCHED_LV)},
+            variants=transfer_variants() if not controls else transfer_variants(**{
+                "target=full lambda=0": {**TRANSFER_TARGETS["full"], "lambda1": 0.0, "lambda2": 0.0}}))
+        cells["default"] = Cell("default", baselines={**lv_full, "audio_only": ("audio_only", {})})
+    if controls:
+        few = transfer_variants(("full", "placebo"), ("",))
+        cells["labels_bottleneck, audio_shared=0"] = Cell("labels_bottleneck", {"audio_shared": 0.0}, lv_full, few)
+        for size in sizes:
+            cells[f"labels_bottleneck, train_scale={size:g}"] = Cell("labels_bottleneck", {"train_scale": size},
+                                                                     lv_full, few)
+    return cells

@@ -31,20 +31,32 @@ Settings (``ModelConfig.setting``)
                    Present modalities enter as given; the real ones supervise the reconstructions in training.
 
 Time axis of the reconstruction (``kt_time_axis``)
-  ``source``  theta / phi are self-attention stacks over f_V / f_L, so f'_A lives on the source's time steps;
-              possible when the sources and the audio share one length (word-aligned data).
-  ``queries`` theta / phi are cross-modal stacks whose queries are the audio's T_a positions (position codes
-              only) attending to f_V / f_L: f'_A has the audio's own length, as needed for unaligned data.
-  ``auto``    (default) ``source`` when l, v and a have the same sequence length, else ``queries``.
-The consistency losses compare frames where the real audio is not padding; f'_A carries the source's padding mask
-(``source``) or none (``queries``: the length of the missing audio is unknown at test time).
+  ``source``   theta / phi are self-attention stacks over f_V / f_L, so f'_A lives on the source's time steps;
+               possible when the sources and the audio share one length (word-aligned data).
+  ``language`` (unaligned ``kt``) f'_A lives on the word slots: phi is a self-attention stack over f_L; theta's
+               queries are the word slots' position codes, each reading only the vision frames of its word's span
+               of the utterance (:func:`span_mask_from_padding`).  f'_A carries the language's padding mask, so no
+               slot outside the utterance enters the backbone as a real frame, and the consistency target is f_A
+               averaged over each word's span (:func:`pool_onto`), as word-aligned files average features.
+  ``queries``  (unaligned ``kt_any``) queries are the target's T_t positions attending to the source; f'_t has
+               the target's own length and no padding mask (its length is unknown at test time).
+  ``auto``     (default) ``source`` when l, v and a have one sequence length, else ``language`` (``kt``) or
+               ``queries`` (``kt_any``).
+The consistency losses compare frames where both the target and the reconstruction are real.
 
-The consistency target f_A (``kt_target``)
-  ``frozen``  (default) f_A comes from the audio encoder with its gradient stopped: the reconstruction chases a
-              fixed representation of the audio (random at initialisation, or taken from a trained model with
-              :meth:`KTModel.load_audio_encoder`).  Without the stop, nothing but the consistency loss
-              trains the audio encoder, and it can shrink f_A towards whatever is easiest to predict.
-  ``trained`` eq. 6 read literally: the consistency gradient also reaches the audio encoder.
+The consistency target f_A (``kt_target``), always computed without dropout (the encoder in eval mode)
+  ``random``  (default of the class) f_A from the model's own audio projection and encoder, randomly initialised
+              and never trained (gradient stopped): a fixed random view of the audio.
+  ``trained`` eq. 6 read literally: the consistency gradient also reaches the audio projection and encoder, which
+              nothing else trains, so f_A can shrink towards whatever is easiest to predict.
+  ``run``     (the workbook's default) f_A is the audio projection of a finished run that saw real audio (the
+              ``full`` run of the same seed, or an ``audio_only`` run), copied in by
+              :meth:`KTModel.load_audio_encoder` and frozen: the audio as a model trained on the task reads it,
+              i.e. what ``full`` puts in its audio slot.  Training reads that run from the store
+              (``TrainConfig.target_run``).
+  ``kt_target_shuffle`` (placebo): each training sample's f_A comes from another sample of the batch, so the target
+  has the right distribution but says nothing about its own sample; a gain that survives it is regularisation.
+  ``kt_hat_weight`` (lambda3, beyond eq. 6) also supervises delta's output f'_A with l_c(f'_A, f_A).
 """
 
 from __future__ import annotations
@@ -60,16 +72,18 @@ from torch import nn
 from .specs import MODALITIES, Layout, get_layout
 
 SETTINGS = ("full", "vision_only", "language_only", "language_vision", "kt")
-EXTRA_SETTINGS = ("kt_any",)  # beyond the paper: knowledge transfer for any missing modality
+EXTRA_SETTINGS = ("kt_any", "audio_only")  # beyond the paper: transfer for any missing modality; audio alone
 SETTING_INPUTS = {  # which modality slots the backbone fuses; in kt the audio slot holds f'_A
     "full": ("l", "a", "v"),
     "vision_only": ("v",),
     "language_only": ("l",),
+    "audio_only": ("a",),
     "language_vision": ("l", "v"),
     "kt": ("l", "a", "v"),
     "kt_any": ("l", "a", "v"),
 }
 KT_SETTINGS = {"kt": ("a",), "kt_any": ("l", "a", "v")}  # settings with knowledge transfer -> reconstructed targets
+KT_TARGETS = ("random", "trained", "run")  # where the consistency target f_A comes from (module docstring)
 
 
 def _per_modality(l, a, v) -> dict[str, int | float]:
@@ -91,7 +105,7 @@ class ModelConfig:
     d: int = 40  # model width of every modality stream
     heads: int = 10  # attention heads (d divisible by heads)
     layers: int = 4  # depth of each cross-modal transformer
-    mem_layers: int = 3  # depth of each target's self-attention memory (MulT: max(layers, 3))
+    mem_layers: int | None = None  # depth of each target's self-attention memory (None: MulT's max(layers, 3))
     kernels: dict[str, int] = field(default_factory=lambda: _per_modality(1, 3, 3))  # Conv1d kernel per modality
     causal: bool = True  # MulT's future mask (stretched to the source's length in cross-modal blocks)
     text_dropout: float = 0.2  # dropout on the language input features ("text-embedding dropout")
@@ -106,15 +120,19 @@ class ModelConfig:
     # knowledge transfer (used by setting "kt")
     kt_encoder_layers: int = 1  # depth of the modality encoders giving f_L, f_V, f_A
     kt_layers: int = 3  # depth of theta, phi and delta (the paper: transformer blocks of 3 layers)
-    kt_time_axis: str = "auto"  # auto | source | queries: how f'_A gets its time axis (module docstring)
+    kt_time_axis: str = "auto"  # auto | source | language | queries: f'_A's time axis (module docstring)
     kt_concat: str = "feature"  # delta's concatenation of [theta(f_V) || phi(f_L)]: feature (2d wide) | time (2T)
-    kt_target: str = "frozen"  # frozen | trained: does the consistency gradient reach the audio encoder
+    kt_target: str = "random"  # random | trained | run: where the consistency target f_A comes from (docstring)
+    kt_target_shuffle: bool = False  # placebo: in training, each sample's f_A comes from another sample's audio
+    kt_hat_weight: float = 0.0  # lambda3 (beyond eq. 6): weight of l_c(f'_A, f_A), supervising delta's output
     consistency: str = "l2"  # l2 (mean squared error, the paper's default) | l1 (Table V)
     lambda1: float = 1.0  # weight of l_c(theta(f_V), f_A) in eq. 6
     lambda2: float = 1.0  # weight of l_c(phi(f_L), f_A) in eq. 6
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
+        if self.mem_layers is None:
+            self.mem_layers = max(self.layers, 3)
         checks = [
             (self.setting in SETTINGS + EXTRA_SETTINGS, f"setting must be one of {SETTINGS + EXTRA_SETTINGS}, got "
                                                          f"{self.setting!r}"),
@@ -126,10 +144,14 @@ class ModelConfig:
              f"d ({self.d}) must be a positive multiple of heads ({self.heads})"),
             (self.layers >= 1 and self.mem_layers >= 1 and self.kt_layers >= 1 and self.kt_encoder_layers >= 0,
              "layers, mem_layers and kt_layers must be >= 1 (kt_encoder_layers >= 0)"),
-            (self.kt_time_axis in ("auto", "source", "queries"), f"kt_time_axis must be auto, source or queries, "
-                                                                 f"got {self.kt_time_axis!r}"),
+            (self.kt_time_axis in ("auto", "source", "language", "queries"),
+             f"kt_time_axis must be auto, source, language or queries, got {self.kt_time_axis!r}"),
             (self.kt_concat in ("feature", "time"), f"kt_concat must be feature or time, got {self.kt_concat!r}"),
-            (self.kt_target in ("frozen", "trained"), f"kt_target must be frozen or trained, got {self.kt_target!r}"),
+            (self.kt_target in KT_TARGETS, f"kt_target must be one of {KT_TARGETS}, got {self.kt_target!r}"),
+            (self.kt_hat_weight >= 0 and math.isfinite(self.kt_hat_weight),
+             f"kt_hat_weight must be a finite number >= 0, got {self.kt_hat_weight}"),
+            (self.kt_time_axis != "language" or self.setting != "kt_any",
+             "kt_time_axis='language' is for the audio target of 'kt'; kt_any uses 'source' or 'queries'"),
             (self.consistency in ("l1", "l2"), f"consistency must be l1 or l2, got {self.consistency!r}"),
             (self.attn_impl in ("fused", "reference"), f"attn_impl must be fused or reference, got {self.attn_impl!r}"),
             (self.attn_dropout_on in ("weights", "keys"), f"attn_dropout_on must be weights or keys, got "
@@ -169,7 +191,9 @@ class ModelConfig:
     def time_axis(self) -> str:
         if self.kt_time_axis != "auto":
             return self.kt_time_axis
-        return "source" if len(set(self.seq_lens.values())) == 1 else "queries"
+        if len(set(self.seq_lens.values())) == 1:
+            return "source"
+        return "queries" if self.setting == "kt_any" else "language"
 
     # --- construction and serialisation
     @classmethod
@@ -281,6 +305,43 @@ def causal_mask_from_padding(query_pad: torch.Tensor, key_pad: torch.Tensor) -> 
     return later & (p_t >= 0)[:, :, None]
 
 
+def _real_positions(pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a front-padded (B, T) padding mask: each step's index among the real steps (< 0 on padding), (B, T),
+    and the number of real steps (B, 1)."""
+    n = (~pad).sum(1, keepdim=True)
+    return torch.arange(pad.shape[1], device=pad.device)[None, :] - (pad.shape[1] - n), n
+
+
+def span_mask_from_padding(query_pad: torch.Tensor, key_pad: torch.Tensor) -> torch.Tensor:
+    """(B, T, S) bool, True where a real query step may not see a key: their spans of the utterance do not overlap.
+
+    Query i of n_t real steps covers ``[i / n_t, (i + 1) / n_t)`` of the utterance, key j of n_s real steps
+    ``[j / n_s, (j + 1) / n_s)``.  A query on the word axis then reads exactly the frames said during its word.
+    Padding queries get no constraint (their output is padding).
+    """
+    p_t, n_t = _real_positions(query_pad)
+    p_s, n_s = _real_positions(key_pad)
+    overlap = ((p_s[:, None, :] * n_t[:, :, None] < (p_t[:, :, None] + 1) * n_s[:, :, None])
+               & ((p_s[:, None, :] + 1) * n_t[:, :, None] > p_t[:, :, None] * n_s[:, :, None]))  # (B, T, S)
+    return ~overlap & (p_t >= 0)[:, :, None]
+
+
+def pool_onto(values: torch.Tensor, value_pad: torch.Tensor, anchor_pad: torch.Tensor):
+    """Average a front-padded sequence over the spans of another axis: (B, S, d) -> (B, T, d), and (B, T) bool real.
+
+    Real step j of n_s (its centre at ``(j + 0.5) / n_s`` of the utterance) goes to the anchor step whose span holds
+    that centre; each anchor step gets the mean of its steps (real where it has at least one).  This is how
+    word-aligned files are made from frame-level features.
+    """
+    p_t, n_t = _real_positions(anchor_pad)
+    p_s, n_s = _real_positions(value_pad)
+    slot = torch.div((2 * p_s + 1) * n_t, 2 * n_s.clamp_min(1), rounding_mode="floor")  # (B, S) anchor step
+    slot = torch.where(p_s >= 0, slot, torch.full_like(slot, -1))
+    match = ((slot[:, None, :] == p_t[:, :, None]) & (p_t >= 0)[:, :, None]).to(values.dtype)  # (B, T, S)
+    count = match.sum(-1, keepdim=True)  # (B, T, 1)
+    return (match @ values) / count.clamp_min(1), count[..., 0] > 0
+
+
 class CrossModalAttention(nn.Module):
     """Eq. 3: ``CM_{m -> m'} = softmax(Q K^T / sqrt(d_k)) V`` with ``Q = X_{m'} W_Q``, ``K = X_m W_K``, ``V = X_m W_V``.
 
@@ -389,16 +450,21 @@ class TransformerEncoder(nn.Module):
     def _embed(self, x):
         return self.embed_dropout(self.scale * x + self.positions(x.shape[1], x.device, x.dtype))
 
-    def forward(self, x, source=None, source_mask=None, x_mask=None, need_weights=False):
-        """``x_mask`` / ``source_mask``: (B, T) / (B, S) True on padding; self-attention uses ``x_mask``."""
-        x = self._embed(x)
+    def forward(self, x, source=None, source_mask=None, x_mask=None, need_weights=False, attn_mask=None,
+                x_embedded=False):
+        """``x_mask`` / ``source_mask``: (B, T) / (B, S) True on padding; self-attention uses ``x_mask``.
+
+        ``attn_mask`` (T, S) or (B, T, S), True where not allowed, replaces the causal mask.  ``x_embedded``: ``x``
+        already holds what the stack should read (e.g. position codes as queries): no scaling, positions or
+        dropout are added to it.
+        """
+        x = x if x_embedded else self._embed(x)
         if source is not None:
             source = self._embed(source)
         else:
             source_mask = x_mask
         s = x.shape[1] if source is None else source.shape[1]
-        attn_mask = None
-        if self.causal:  # per sample on real frames when both paddings are known, else by position
+        if attn_mask is None and self.causal:  # per sample on real frames when both paddings are known
             if x_mask is not None and source_mask is not None:
                 attn_mask = causal_mask_from_padding(x_mask, source_mask)  # (B, T, S)
             else:
@@ -429,6 +495,9 @@ class Reconstruction(nn.Module):
     representation, delta fuses ``[theta(f_s1) || phi(f_s2)]`` into f'_t.  For the audio (the paper) the sources
     are vision (theta) and language (phi); ``KT_SOURCES`` lists them for every target.
 
+    Each of theta, phi and delta ends in a linear read-out, so that the reconstructions live in the space of the
+    target f_t (e.g. a trained model's projected audio, ``kt_target="run"``) rather than in a LayerNorm's.
+
     ``use`` ({source: (B,) bool}, optional) says per sample which sources may be used: the reconstruction from an
     unusable source is zeroed before delta and its frames count as padding, so f'_t of that sample comes from the
     other source alone.
@@ -449,35 +518,57 @@ class Reconstruction(nn.Module):
             self.segment = nn.Parameter(torch.zeros(2, d))  # tells the two halves apart along time
             nn.init.normal_(self.segment, std=0.02)
         self.delta = TransformerEncoder(d, h, cfg.kt_layers, **drop)
+        self.read_theta, self.read_phi, self.read_delta = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
 
-    def _transfer(self, net, f_src, mask_src, t_len):
-        if self.cfg.time_axis == "source":
-            return net(f_src, x_mask=mask_src)[0], mask_src  # (B, T_src, d) on the source's time axis
-        queries = f_src.new_zeros(f_src.shape[0], t_len, f_src.shape[2])  # position codes only, added inside
-        return net(queries, source=f_src, source_mask=mask_src)[0], None  # (B, T_t, d)
+    def _transfer(self, net, s, f, masks, t_len):
+        """theta or phi on source s: (B, T_s, d) -> the reconstruction on the configured time axis and its mask."""
+        axis = self.cfg.time_axis
+        if axis == "source" or (axis == "language" and s == "l"):
+            return net(f[s], x_mask=masks[s])[0], masks[s]  # (B, T_s, d) on the source's time axis
+        if axis == "language":  # word slots as queries (position codes), each reading the frames of its word
+            anchor = masks["l"]  # (B, T_l)
+            queries = net.positions(anchor.shape[1], f[s].device, f[s].dtype).expand(anchor.shape[0], -1, -1)
+            blocked = span_mask_from_padding(anchor, masks[s])  # (B, T_l, T_s)
+            out = net(queries, source=f[s], source_mask=masks[s], x_mask=anchor, attn_mask=blocked,
+                      x_embedded=True)[0]
+            return out, anchor  # (B, T_l, d)
+        queries = f[s].new_zeros(f[s].shape[0], t_len, f[s].shape[2])  # position codes only, added inside
+        return net(queries, source=f[s], source_mask=masks[s])[0], None  # (B, T_t, d)
 
     def forward(self, f: dict, masks: dict, use: dict | None = None) -> dict:
         t_len = self.cfg.seq_lens[self.target]
         recs, rec_masks = [], []
-        for net, s in zip((self.theta, self.phi), self.sources, strict=True):
-            rec, mask = self._transfer(net, f[s], masks[s], t_len)
-            recs.append(rec)
+        for net, read, s in zip((self.theta, self.phi), (self.read_theta, self.read_phi), self.sources, strict=True):
+            rec, mask = self._transfer(net, s, f, masks, t_len)
+            recs.append(read(rec))  # eq. 1: theta(f_V), phi(f_L) in the target's space
             if use is not None:  # an unusable source gives nothing to delta
                 mask = None if mask is None else mask | ~use[s][:, None]
             rec_masks.append(mask)
         fused_in = recs if use is None else [r * use[s][:, None, None].to(r.dtype)
                                              for r, s in zip(recs, self.sources, strict=True)]
         mask_hat = None if rec_masks[0] is None else rec_masks[0] & rec_masks[1]  # padding only where both are
+        # eq. 2: delta fuses [theta(f_V) || phi(f_L)] into f'_A
         if self.cfg.kt_concat == "feature":
-            f_hat = self.delta(self.fuse_in(torch.cat(fused_in, -1)), x_mask=mask_hat)[0]  # (B, T_t', d)
+            fused = self.delta(self.fuse_in(torch.cat(fused_in, -1)), x_mask=mask_hat)[0]  # (B, T_t', d)
         else:
+            t_len = fused_in[0].shape[1]
             both = torch.cat([fused_in[0] + self.segment[0], fused_in[1] + self.segment[1]], 1)  # (B, 2 T_t', d)
             both_mask = None if mask_hat is None else torch.cat(rec_masks, 1)
             fused = self.delta(both, x_mask=both_mask)[0]
-            f_hat = 0.5 * (fused[:, :t_len] + fused[:, t_len:])  # (B, T_t', d): the two halves averaged
+            fused = 0.5 * (fused[:, :t_len] + fused[:, t_len:])  # (B, T_t', d): the two halves averaged
         out = {f"{self.target}_from_{s}": rec for s, rec in zip(self.sources, recs, strict=True)}
-        out[f"f_{self.target}_hat"], out[f"mask_{self.target}_hat"] = f_hat, mask_hat
+        out[f"f_{self.target}_hat"], out[f"mask_{self.target}_hat"] = self.read_delta(fused), mask_hat
         return out
+
+
+def derangement(n: int, device=None) -> torch.Tensor:
+    """A random permutation of range(n) with no fixed point (each sample paired with another), from torch's RNG."""
+    if n < 2:
+        return torch.arange(n, device=device)
+    perm = torch.randperm(n, device=device)
+    follower = torch.empty_like(perm)
+    follower[perm] = torch.roll(perm, -1)  # i -> the sample after i in a random cycle
+    return follower
 
 
 class KnowledgeTransfer(nn.Module):
@@ -489,9 +580,9 @@ class KnowledgeTransfer(nn.Module):
     ``forward(x, masks, use=None, real=None)`` takes the projected sequences (B, T_m, d) and their padding masks.
     ``use`` ({m: (B,) bool}) marks per sample the sources that may be used.  Returns a dict with f_m, the
     reconstructions ``<t>_from_<s>`` = theta/phi(f_s) (e.g. ``a_from_v`` = theta(f_V)), ``f_<t>_hat`` = f'_t and
-    ``mask_<t>_hat``.  With ``real`` ({t: (B,) bool}, training only) also f_t of the real target and the
-    consistency losses ``loss_<s><t>`` (``loss_va`` = l_c(theta(f_V), f_A), eq. 1), over the real frames of
-    samples where both the target and the source are real.
+    ``mask_<t>_hat``.  With ``real`` ({t: (B,) bool}, training only) also the target f_t (on the reconstruction's
+    time axis) and the consistency losses ``loss_<s><t>`` (``loss_va`` = l_c(theta(f_V), f_A), eq. 1) and
+    ``loss_hat<t>`` = l_c(f'_t, f_t), over the real frames of samples where both the target and the source are real.
     """
 
     def __init__(self, cfg: ModelConfig, targets: tuple[str, ...] = ("a",)):
@@ -499,7 +590,7 @@ class KnowledgeTransfer(nn.Module):
         self.cfg = cfg
 
         def encoder(m):  # modality encoder giving f_m (identity when kt_encoder_layers == 0)
-            if cfg.kt_encoder_layers == 0:
+            if cfg.kt_encoder_layers == 0 or (m == "a" and cfg.kt_target == "run"):  # "run": f_A is the projection
                 return nn.Identity()
             return TransformerEncoder(cfg.d, cfg.heads, cfg.kt_encoder_layers, attn_dropout=cfg.attn_dropout[m],
                                       relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout,
@@ -513,6 +604,28 @@ class KnowledgeTransfer(nn.Module):
         enc = getattr(self, f"enc_{m}")
         return x if isinstance(enc, nn.Identity) else enc(x, x_mask=mask)[0]
 
+    def target(self, t: str, x: torch.Tensor, mask: torch.Tensor, anchor_mask: torch.Tensor | None = None):
+        """The consistency target f_t of a projected target sequence, without dropout, and its real frames.
+
+        Computed with the encoder in eval mode (the same f_t every time for the same input).  Its gradient is
+        stopped unless ``kt_target="trained"`` (eq. 6 read literally).  On the ``language`` time axis, f_t is
+        averaged over each word's span (:func:`pool_onto`).  Returns ((B, T', d), (B, T') bool real frames).
+        """
+        enc = getattr(self, f"enc_{t}")
+        was_training = enc.training
+        enc.train(False)
+        try:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.kt_target == "trained"):
+                f_t = self.encode(t, x, mask)  # (B, T_t, d)
+        finally:
+            enc.train(was_training)
+        if self.cfg.kt_target != "trained":
+            f_t = f_t.detach()
+        real = ~mask
+        if self.cfg.time_axis == "language" and anchor_mask is not None and t != "l":
+            f_t, real = pool_onto(f_t, mask, anchor_mask)  # (B, T_l, d) on the word slots
+        return f_t, real
+
     def forward(self, x: dict, masks: dict, use: dict | None = None, real: dict | None = None,
                 targets: tuple[str, ...] | None = None) -> dict:
         targets = tuple(self.recon) if targets is None else targets
@@ -524,13 +637,20 @@ class KnowledgeTransfer(nn.Module):
         if real is None:
             return out
         for t in targets:  # training: the real target supervises the reconstructions
-            f_t = self.encode(t, x[t], masks[t])  # (B, T_t, d)
-            if self.cfg.kt_target == "frozen":
-                f_t = f_t.detach()
+            x_t, mask_t, real_t = x[t], masks[t], real[t]
+            if self.cfg.kt_target_shuffle:  # placebo: another sample's audio, so nothing is specific to a sample
+                perm = derangement(x_t.shape[0], x_t.device)
+                x_t, mask_t, real_t = x_t[perm], mask_t[perm], real_t[perm]
+            f_t, frames_t = self.target(t, x_t, mask_t, masks.get("l"))
             out[f"f_{t}"] = f_t
+            hat_mask = out[f"mask_{t}_hat"]
+            if hat_mask is not None:  # compare only where the reconstruction has real frames too
+                frames_t = frames_t & ~hat_mask
             for s in KT_SOURCES[t]:
-                frames = ~masks[t] & (real[t] & real[s])[:, None]  # (B, T_t): real target frames, real source
+                frames = frames_t & (real_t & real[s])[:, None]  # (B, T'): real target frames, real source
                 out[f"loss_{s}{t}"] = consistency_loss(out[f"{t}_from_{s}"], f_t, frames, self.cfg.consistency)
+            frames = frames_t & real_t[:, None] & torch.stack([real[s] for s in KT_SOURCES[t]]).any(0)[:, None]
+            out[f"loss_hat{t}"] = consistency_loss(out[f"f_{t}_hat"], f_t, frames, self.cfg.consistency)
         return out
 
 
@@ -676,17 +796,19 @@ class KTModel(nn.Module):
         return out, details
 
     @torch.no_grad()
-    def audio_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """f_A of the batch's real audio (B, T_a, d): what the reconstruction is trained to match.
+    def audio_target(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """f_A of the batch's real audio on the reconstruction's time axis (B, T', d), and its real frames (B, T').
 
-        For analysis only (reconstructed vs real audio); predictions never use it.
+        What the reconstruction is trained to match (without dropout), for analysis only (reconstructed vs real
+        audio); predictions never use it.
         """
         if self.kt is None:
             raise ValueError(f"setting {self.cfg.setting!r} has no knowledge-transfer network; use a 'kt' model")
-        return self.kt.encode("a", self.proj["a"](batch["a"]), batch["mask_a"])
+        return self.kt.target("a", self.proj["a"](batch["a"]), batch["mask_a"], batch["mask_l"])
 
     def consistency_term(self, details: dict) -> torch.Tensor:
-        """lambda1 * L_c(V->A) + lambda2 * L_c(L->A) of eq. 6 (zero when there is nothing to compare).
+        """eq. 6's consistency part: lambda1 * L_c(V->A) + lambda2 * L_c(L->A), plus (beyond eq. 6)
+        lambda3 * L_c(f'_A, f_A) with lambda3 = ``kt_hat_weight``; zero when there is nothing to compare.
 
         In ``kt_any`` the sum runs over every target: lambda1 weighs theta's loss and lambda2 phi's.
         """
@@ -695,6 +817,8 @@ class KTModel(nn.Module):
             if f"loss_{s1}{t}" in details:
                 total = total + self.cfg.lambda1 * details[f"loss_{s1}{t}"]
                 total = total + self.cfg.lambda2 * details[f"loss_{s2}{t}"]
+                if self.cfg.kt_hat_weight > 0:
+                    total = total + self.cfg.kt_hat_weight * details[f"loss_hat{t}"]
         return total
 
     def load_audio_encoder(self, other: KTModel) -> None:
@@ -704,9 +828,13 @@ class KTModel(nn.Module):
         audio encoder.  From a ``full`` model with ``kt_encoder_layers=0``, f_A is exactly the projected audio
         that model learned to use; with encoder layers, those layers keep their own (frozen) weights.
         """
+        if "a" not in getattr(other, "proj", {}):
+            raise ValueError(f"the target's source run (setting {other.cfg.setting!r}) has no audio projection; use "
+                             "a run that saw real audio (full or audio_only)")
         self.proj["a"].load_state_dict(other.proj["a"].state_dict())
         if self.kt is not None and other.kt is not None:
             self.kt.enc_a.load_state_dict(other.kt.enc_a.state_dict())
+        self.proj["a"].requires_grad_(False)  # a fixed target: nothing in this model changes it
 
 
 def count_parameters(model: nn.Module) -> int:

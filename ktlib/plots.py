@@ -1,7 +1,8 @@
 """Figures: every function returns a matplotlib Figure; notebooks save them with :func:`save_figure`.
 
 One place sets the look (:func:`set_theme`).  Figures drawn from simulated data carry "synthetic" in their title
-(pass ``data.kind`` or a label that says so).
+(pass ``data.kind`` or a label that says so).  Spreads over seeds are the sample std of :mod:`ktlib.stats`; a
+paired comparison is drawn with its 95 % Student-t interval and coloured by its verdict.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 from .specs import EMOTIONS, MODALITIES, MODALITY_NAMES
+from .stats import seed_table
 
 COLORS = {"l": "#4C72B0", "a": "#DD8452", "v": "#55A868", "a_hat": "#C44E52", "fusion": "#8172B3"}
 
@@ -235,19 +237,32 @@ def predictability_curve(table, title: str, metric: str = "mae"):
     return fig
 
 
+VERDICT_COLORS = {"supported": "#55A868", "opposite": "#C44E52", "undecided": "#7f7f7f",
+                  "undecided (1 seed)": "#bbbbbb", "not run": "#eeeeee"}
+
+
+def _interval_err(means, lows, highs) -> np.ndarray:
+    """Asymmetric error bars (2, n) from a 95 % interval; 0 where it is undefined (one seed)."""
+    means, lows, highs = (np.asarray(x, dtype=float) for x in (means, lows, highs))
+    return np.nan_to_num(np.vstack([means - lows, highs - means]), nan=0.0)
+
+
 def paired_differences(diffs, title: str):
-    """kt minus language+vision per seed (signed: positive = kt better), one panel per metric."""
+    """kt minus language+vision per seed (signed: positive = kt better), one panel per metric: each seed a dot,
+    the mean difference a diamond with its 95 % Student-t interval (:func:`ktlib.experiments.paired_differences`)."""
     fig, axes = plt.subplots(1, len(diffs), figsize=(2.6 * len(diffs), 3.3), squeeze=False)
     for ax, (_, row) in zip(axes[0], diffs.iterrows(), strict=True):
         vals = np.asarray(row["differences"], dtype=float)
         ax.axhline(0, color="black", lw=0.8)
         ax.scatter(np.zeros(len(vals)) + np.linspace(-0.05, 0.05, len(vals)), vals, color=COLORS["a_hat"], s=20)
-        ax.errorbar([0.25], [row["mean"]], yerr=[row["std"]], fmt="D", color="black", capsize=4)
+        err = _interval_err([row["mean_diff"]], [row["ci_low"]], [row["ci_high"]])
+        ax.errorbar([0.25], [row["mean_diff"]], yerr=err, fmt="D", capsize=4,
+                    color=VERDICT_COLORS.get(row["verdict"], "black"), ecolor="black")
         ax.set_xlim(-0.5, 0.7)
         ax.set_xticks([])
-        ax.set_title(f"{row['metric']}\nbetter on {row['better_on']}/{row['n_seeds']}", fontsize=9)
+        ax.set_title(f"{row['metric']}: {row['verdict']}\nkt better on {row['signs']} seeds", fontsize=9)
     axes[0][0].set_ylabel("kt − language+vision (signed)")
-    fig.suptitle(title)
+    fig.suptitle(f"{title}\ndots: seeds; diamond: their mean; bar: its 95% Student-t interval", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -348,18 +363,27 @@ def probe_bars(table, title: str):
 
 
 def claims_chart(claims, title: str):
-    """Each claim's gain (positive supports it) with the seed noise it is judged against."""
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(claims) + 1.4))
-    y = np.arange(len(claims))
-    colors = {"supported": "#55A868", "not supported": "#C44E52", "within seed noise": "#7f7f7f",
-              "same direction (1 seed)": "#A8D5B5", "opposite direction (1 seed)": "#E8A9AB"}
-    ax.barh(y, claims["gain"], color=[colors.get(v, "#cccccc") for v in claims["verdict"]])
-    ax.errorbar(np.zeros(len(claims)), y, xerr=claims["noise"], fmt="none", color="black", capsize=3, lw=1)
-    ax.set_yticks(y, [f"{c} ({s})" for c, s in zip(claims["claim"], claims["source"], strict=True)], fontsize=8)
-    ax.axvline(0, color="black", lw=0.8)
-    ax.invert_yaxis()
-    ax.set(xlabel=f"gain in {claims['metric'].iloc[0]} (positive supports the claim; bars at 0: seed noise)",
-           title=title)
+    """Each claim's mean per-seed difference (positive supports it) with its 95 % interval, coloured by verdict;
+    one panel per metric (:func:`ktlib.experiments.claims`)."""
+    metrics = list(dict.fromkeys(claims["metric"]))
+    first = claims[claims["metric"] == metrics[0]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 + 3 * len(metrics), 0.5 * len(first) + 1.6), sharey=True,
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        part = claims[claims["metric"] == metric]
+        y = np.arange(len(part))
+        ax.barh(y, part["mean_diff"].fillna(0.0), color=[VERDICT_COLORS.get(v, "#cccccc") for v in part["verdict"]])
+        ax.errorbar(part["mean_diff"], y, xerr=_interval_err(part["mean_diff"], part["ci_low"], part["ci_high"]),
+                    fmt="none", color="black", capsize=3, lw=1)
+        for yi, (signs, verdict) in enumerate(zip(part["signs"], part["verdict"], strict=True)):
+            ax.annotate(f"{verdict}, {signs}", (0, yi), xytext=(4, 6), textcoords="offset points", fontsize=7)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set(xlabel=f"{metric}: mean difference (positive supports)")
+    labels = [f"{c} ({s})" for c, s in zip(first["claim"], first["source"], strict=True)]
+    axes[0][0].set_yticks(np.arange(len(first)), labels, fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.suptitle(f"{title}\nbars: 95% Student-t interval over seeds; sign count = seeds in the claimed direction",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -407,7 +431,8 @@ METHOD_COLORS = {"MulT (zero-fill)": SETTING_COLORS["full"], "kt (any modality)"
 
 
 def robustness_curves(tidy, title: str, metrics=("mae", "corr", "acc2_non0")):
-    """Metric vs missing rate, one panel per metric: mean over seeds, a band of +- one std, each method a colour.
+    """Metric vs missing rate, one panel per metric: mean over seeds, a band of ± one sample std, each method a
+    colour.
 
     ``tidy``: rows of one protocol kind and phase from :func:`ktlib.experiments.robustness_runs`.
     """
@@ -415,8 +440,8 @@ def robustness_curves(tidy, title: str, metrics=("mae", "corr", "acc2_non0")):
     for ax, metric in zip(axes[0], metrics, strict=True):
         part = tidy[tidy["metric"] == metric]
         for method, cell in part.groupby("method", sort=False):
-            stats = cell.groupby("rate")["value"].agg(["mean", "std"])
-            std = stats["std"].fillna(0.0).to_numpy()
+            stats = seed_table(cell, ["rate"]).sort_values("rate").set_index("rate")
+            std = stats["std"].fillna(0.0).to_numpy()  # one seed: no band
             color = METHOD_COLORS.get(method)
             ax.plot(stats.index, stats["mean"], "-o", ms=3, color=color, label=method)
             ax.fill_between(stats.index, stats["mean"] - std, stats["mean"] + std, color=color, alpha=0.2, lw=0)
@@ -428,14 +453,15 @@ def robustness_curves(tidy, title: str, metrics=("mae", "corr", "acc2_non0")):
 
 
 def fixed_missing_bars(tidy, title: str, metric: str = "mae"):
-    """One group of bars per fixed missing pattern (what is absent), one bar per method: mean +- std over seeds."""
+    """One group of bars per fixed missing pattern (what is absent), one bar per method: mean ± sample std over
+    seeds."""
     part = tidy[(tidy["metric"] == metric) & (tidy["kind"] == "fixed")]
     levels = list(dict.fromkeys(part["level"]))
     methods = list(dict.fromkeys(part["method"]))
     width = 0.8 / max(len(methods), 1)
     fig, ax = plt.subplots(figsize=(1.3 * len(levels) + 2, 3.6))
     for i, method in enumerate(methods):
-        stats = part[part["method"] == method].groupby("level")["value"].agg(["mean", "std"]).reindex(levels)
+        stats = seed_table(part[part["method"] == method], ["level"]).set_index("level").reindex(levels)
         x = np.arange(len(levels)) + (i - (len(methods) - 1) / 2) * width
         ax.bar(x, stats["mean"], width, yerr=stats["std"].fillna(0.0), capsize=3,
                color=METHOD_COLORS.get(method), label=method)

@@ -32,6 +32,7 @@ class Layout:
     size_mb: float  # approximate size of the published file, for messages
     description: str = ""
     sha256: str | None = None  # checksum, where one is known
+    caveat: str = ""  # a real-data fixture: why its numbers must not be read as the corpus's (every table says it)
 
     @property
     def task(self) -> str:
@@ -87,6 +88,7 @@ MOSI_UTTERANCE = Layout(
     size_mb=2.5,
     description="CMU-MOSI utterance-level features (Poria et al. 2017), standard folds, sequence length 1",
     sha256="73a81efdd42354ea813d0cd7df12adc54fafb5b63305bd228fc66d126ab2171e",
+    caveat="sequence length 1; its text features leak labels; not comparable with the paper",
 )
 LAYOUTS[MOSI_UTTERANCE.name] = MOSI_UTTERANCE
 

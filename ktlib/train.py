@@ -64,6 +64,7 @@ class TrainConfig:
     distill_pred: float = 0.0  # weight of ||student prediction - teacher prediction||^2
     distill_rep: float = 0.0  # weight of ||student pooled representation - teacher's||^2
     teacher: str = ""  # run id of the teacher in the same run store (needed when a distill weight is > 0)
+    target_run: str = ""  # kt with kt_target="run": the finished run whose audio projection gives f_A
 
     def __post_init__(self):
         if isinstance(self.protocol, dict):
@@ -104,13 +105,15 @@ class Profile:
 _NO_DROPOUT = dict(text_dropout=0.0, embed_dropout=0.0, relu_dropout=0.0, res_dropout=0.0, out_dropout=0.0,
                    attn_dropout={"l": 0.0, "a": 0.0, "v": 0.0})
 PROFILES: dict[str, Profile] = {
-    "smoke": Profile("smoke", model=dict(d=8, heads=2, layers=1, mem_layers=1, kt_layers=1, **_NO_DROPOUT),
+    "smoke": Profile("smoke", model=dict(d=8, heads=2, layers=1, mem_layers=1, kt_layers=1, kt_target="run",
+                                         **_NO_DROPOUT),
                      train=dict(epochs=2, batch_size=16), scale=0.05,
                      description="seconds: plumbing checks and tests, numbers mean nothing"),
-    "quick": Profile("quick", model=dict(d=16, heads=4, layers=1, mem_layers=1, kt_layers=1),
+    "quick": Profile("quick", model=dict(d=16, heads=4, layers=1, mem_layers=1, kt_layers=1, kt_target="run"),
                      train=dict(epochs=8, batch_size=48, lr=3e-3), scale=1.0,
                      description="minutes on a 2-core CPU: d=16, one layer per stack, 8 epochs"),
-    "paper": Profile("paper", model=dict(), train=dict(epochs=40, batch_size=128, lr=1e-3, schedule="constant"),
+    "paper": Profile("paper", model=dict(kt_target="run"),
+                     train=dict(epochs=40, batch_size=128, lr=1e-3, schedule="constant"),
                      scale=1.0, description="the paper's Table 5 configuration and 40 epochs; meant for a GPU"),
 }
 
@@ -248,18 +251,28 @@ def distillation_loss(out: torch.Tensor, pooled: torch.Tensor, teacher_out: torc
 
 
 def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, run_dir: str | Path | None = None,
-        progress: bool = True, teacher: KTModel | None = None) -> FitResult:
+        progress: bool = True, teacher: KTModel | None = None, audio_source: KTModel | None = None) -> FitResult:
     """Train one model; with ``run_dir``, checkpoint every epoch there and resume from it if a run was cut short.
 
-    ``teacher``: the trained model named by ``train_cfg.teacher``, for distillation (:func:`ktlib.runs.load_or_train`
-    reads it from the store).
+    ``teacher``: the trained model named by ``train_cfg.teacher``, for distillation; ``audio_source``: the trained
+    model named by ``train_cfg.target_run``, whose audio projection gives kt's consistency target
+    (``kt_target="run"``).  :func:`ktlib.runs.load_or_train` reads both from the store.
     """
     if bool(train_cfg.teacher) != (teacher is not None):
         raise ValueError(f"train_cfg.teacher={train_cfg.teacher!r} but teacher={'a model' if teacher else None}: "
                          "distillation needs both the run id and the model (load_or_train passes it from the store)")
+    wants_source = model_cfg.setting == "kt" and model_cfg.kt_target == "run"
+    if wants_source != bool(train_cfg.target_run) or bool(train_cfg.target_run) != (audio_source is not None):
+        raise ValueError(f"kt_target='run' (setting {model_cfg.setting!r}, kt_target {model_cfg.kt_target!r}) needs "
+                         f"both train_cfg.target_run (got {train_cfg.target_run!r}) and the finished run's model "
+                         f"(got {'a model' if audio_source is not None else None}); other settings take neither. "
+                         "ktlib.runs.plan sets target_run to the full run of the same seed; load_or_train reads it")
     device = pick_device(train_cfg.device)
     set_seed(train_cfg.seed)
-    model = KTModel(model_cfg).to(device)
+    model = KTModel(model_cfg)
+    if audio_source is not None:
+        model.load_audio_encoder(audio_source)
+    model = model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
     sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=train_cfg.plateau_patience,
                                                         factor=train_cfg.plateau_factor)
@@ -268,7 +281,8 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, ru
     protocol = train_cfg.protocol
     valid_loader = eval_loader(data, "valid", train_cfg.batch_size, model_cfg.setting, protocol)
     test_loader = eval_loader(data, "test", train_cfg.batch_size, model_cfg.setting, protocol)
-    train_missing = () if model_cfg.setting in ("full", "kt", "kt_any") else ("a",)
+    # no audio in training where the setting has none; kt reads it for its consistency target only
+    train_missing = ("a",) if model_cfg.setting in AUDIO_FREE_AT_TEST and model_cfg.setting != "kt" else ()
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)
         if teacher.cfg.task != model_cfg.task:

@@ -14,6 +14,7 @@ import pandas as pd
 
 from .data import MultimodalData, atomic_write, get_data
 from .runs import default_runs_dir
+from .simulate import REGIMES
 from .specs import ALIGNMENTS, DATASETS
 from .train import PROFILES, Profile, profile
 
@@ -53,11 +54,12 @@ class Workbook:
 
 def setup(dataset: str = "mosi", alignment: str = "aligned", profile_name: str = "quick", seeds: int = 3,
           data_path: str = "", source: str = "auto", scale: float = 0.0, figures_dir: str = "figures",
-          audio_predictability: float = -1.0, tables_dir: str = "", workers: int = 0) -> Workbook:
+          audio_shared: float = -1.0, tables_dir: str = "", workers: int = 0, regime: str = "default") -> Workbook:
     """Validate notebook parameters and load the data.
 
-    ``scale=0``, ``audio_predictability<0``, ``tables_dir=""`` (the run store's ``tables/``) and ``workers=0``
-    (one training process per CPU core, up to 4; one on a GPU) mean defaults.
+    ``scale=0``, ``audio_shared<0``, ``tables_dir=""`` (the run store's ``tables/``) and ``workers=0``
+    (one training process per CPU core, up to 4; one on a GPU) mean defaults.  ``regime`` names knob settings of
+    the simulator (:data:`ktlib.simulate.REGIMES`).
     """
     problems = []
     if dataset not in DATASETS:
@@ -72,16 +74,18 @@ def setup(dataset: str = "mosi", alignment: str = "aligned", profile_name: str =
         problems.append(f"source={source!r}: choose auto, real or simulated")
     if not 0.0 <= scale <= 1.0:
         problems.append(f"scale={scale!r}: a fraction of the published split sizes in (0, 1], or 0 for the profile's")
-    if audio_predictability > 1.0:
-        problems.append(f"audio_predictability={audio_predictability!r}: in [0, 1], or negative for the default")
+    if audio_shared > 1.0:
+        problems.append(f"audio_shared={audio_shared!r}: in [0, 1], or negative for the default")
+    if regime not in REGIMES:
+        problems.append(f"regime={regime!r}: choose one of {tuple(REGIMES)}")
     if not (isinstance(workers, int) and 0 <= workers <= 32):
         problems.append(f"workers={workers!r}: training processes, an integer from 1 to 32, or 0 for automatic")
     if problems:
         raise ValueError("notebook parameters out of range:\n  - " + "\n  - ".join(problems))
     prof = profile(profile_name)
-    knobs = {"scale": scale or prof.scale}
-    if audio_predictability >= 0:
-        knobs["audio_predictability"] = audio_predictability
+    knobs = {"scale": scale or prof.scale, **REGIMES[regime]}
+    if audio_shared >= 0:
+        knobs["audio_shared"] = audio_shared
     data = get_data(dataset, alignment, source=source, data_dir=data_path or None, **knobs)
     from .plots import set_theme
 

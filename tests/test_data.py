@@ -500,8 +500,11 @@ def test_load_simulated_accepts_knobs_and_refresh_regenerates(sim_cache, monkeyp
 def test_different_configs_use_different_cache_entries(sim_cache):
     a = simulation_cache_paths(preset("mosi", scale=0.02, seed=0), sim_cache)
     b = simulation_cache_paths(preset("mosi", scale=0.02, seed=1), sim_cache)
-    c = simulation_cache_paths(preset("mosi", scale=0.02, audio_predictability=0.3), sim_cache)
-    assert len({a["data"], b["data"], c["data"]}) == 3
+    c = simulation_cache_paths(preset("mosi", scale=0.02, audio_shared=0.3), sim_cache)
+    d = simulation_cache_paths(preset("mosi", scale=0.02, private_affect=0.0), sim_cache)
+    e = simulation_cache_paths(preset("mosi", scale=0.02, nuisance_shared=1.0), sim_cache)
+    f = simulation_cache_paths(preset("mosi", scale=0.02, train_scale=0.25), sim_cache)
+    assert len({x["data"] for x in (a, b, c, d, e, f)}) == 6  # every knob of the story is part of the key
     assert a["data"].name.startswith("mosi_aligned_") and a["data"].parent == sim_cache
     assert {p.name.removeprefix(a["data"].stem) for p in a.values()} == {".pkl", ".truth.npz", ".json"}
 

@@ -1,11 +1,18 @@
-"""The workbook's experiment definitions: paired comparisons and claim verdicts on hand-made tables, and the
-linear probes that describe how predictable the simulated audio is."""
+"""The workbook's experiment definitions: paired comparisons and claim verdicts on hand-made tables, the linear
+probes that describe how predictable the simulated audio is, and the run store's tables (one row per
+configuration; real-data fixtures named with their caveat)."""
+
+import hashlib
+import json
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from ktlib import experiments as X
+from ktlib import runs as R
+from ktlib.__main__ import main
 from ktlib.analysis import linear_probes
 from ktlib.data import load_simulated
 from ktlib.simulate import preset
@@ -24,30 +31,85 @@ def test_paired_differences_by_hand():
     row = X.paired_differences(tidy, metrics=("mae",)).iloc[0]
     # MAE: lower is better, so the signed differences are lv - kt = 0.05, 0.02, -0.01
     np.testing.assert_allclose(row["differences"], [0.05, 0.02, -0.01])
-    assert row["mean"] == pytest.approx(0.02) and row["better_on"] == 2 and row["n_seeds"] == 3
-    assert row["std"] == pytest.approx(np.std([0.05, 0.02, -0.01]))
-    # t = mean / (sample sd / sqrt(n)) = 0.02 / (0.03 / sqrt(3))
-    assert row["t"] == pytest.approx(0.02 / (0.03 / np.sqrt(3)))
+    assert row["seeds"] == [1, 2, 3] and row["n_seeds"] == 3 and row["signs"] == "2/3"
+    assert row["mean_diff"] == pytest.approx(0.02)
+    assert row["std"] == pytest.approx(0.03)  # sample std (ddof=1) of the differences
+    half = 4.302653 * 0.03 / np.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert row["ci_low"] == pytest.approx(0.02 - half) and row["ci_high"] == pytest.approx(0.02 + half)
+    assert row["verdict"] == "undecided"
 
 
 def test_paired_differences_higher_is_better_and_one_seed():
     tidy = _tidy({("kt", 1): 0.70, ("language_vision", 1): 0.60}, metric="corr")
     row = X.paired_differences(tidy, metrics=("corr",)).iloc[0]
-    assert row["mean"] == pytest.approx(0.10) and row["better_on"] == 1 and np.isnan(row["t"])
+    assert row["mean_diff"] == pytest.approx(0.10) and row["signs"] == "1/1" and np.isnan(row["ci_low"])
+    assert row["verdict"] == "undecided (1 seed)"
 
 
-def test_claim_verdicts_follow_gain_and_noise():
-    main = _tidy({("kt", 1): 0.80, ("kt", 2): 0.82, ("language_vision", 1): 0.90, ("language_vision", 2): 0.92,
-                  ("full", 1): 0.70, ("full", 2): 0.90, ("language_only", 1): 0.85, ("language_only", 2): 0.85})
-    table = X.claims(main).set_index("source", append=True)["verdict"].to_numpy()
-    # kt beats lv by 0.10 > noise 0.01; full vs kt: gain 0.01 < noise 0.10; lv vs language only: -0.06 > 0.01
-    assert list(table) == ["supported", "within seed noise", "not supported"]
+def test_paired_differences_pair_by_seed_not_by_position():
+    # kt ran seeds 1-3, language+vision seeds 2-4: only seeds 2 and 3 are pairs
+    tidy = _tidy({("kt", 1): 0.0, ("kt", 2): 0.80, ("kt", 3): 0.90,
+                  ("language_vision", 2): 0.85, ("language_vision", 3): 0.96, ("language_vision", 4): 5.0})
+    row = X.paired_differences(tidy, metrics=("mae",)).iloc[0]
+    assert row["seeds"] == [2, 3] and row["n_seeds"] == 2
+    np.testing.assert_allclose(row["differences"], [0.05, 0.06])
+    assert row["mean_diff"] == pytest.approx(0.055)
 
 
-def test_single_seed_claims_give_the_direction_only():
+def test_paired_differences_refuse_two_runs_of_one_seed():
+    tidy = _tidy({("kt", 1): 0.8, ("language_vision", 1): 0.9})
+    twice = pd.concat([tidy, tidy.assign(value=0.7, run="other")])
+    with pytest.raises(ValueError, match="several runs with the same seed"):
+        X.paired_differences(twice, metrics=("mae",))
+
+
+def test_claim_verdicts_follow_the_paired_interval():
+    main = _tidy({("kt", 1): 0.80, ("kt", 2): 0.82, ("kt", 3): 0.81,
+                  ("language_vision", 1): 0.90, ("language_vision", 2): 0.93, ("language_vision", 3): 0.91,
+                  ("full", 1): 0.70, ("full", 2): 0.90, ("full", 3): 0.85,
+                  ("language_only", 1): 0.85, ("language_only", 2): 0.88, ("language_only", 3): 0.86})
+    table = X.claims(main)
+    assert list(table.columns) == ["claim", "source", "metric", "mean_diff", "ci_low", "ci_high", "signs",
+                                   "n_seeds", "verdict"]
+    # kt beats lv on every seed by 0.10 +- 0.01: supported; full vs kt: +0.11, -0.08, -0.04 straddles zero;
+    # lv vs language only: -0.05 on every seed, the interval below zero: opposite
+    assert table["verdict"].tolist() == ["supported", "undecided", "opposite"]
+    assert table["signs"].tolist() == ["3/3", "1/3", "0/3"] and (table["n_seeds"] == 3).all()
+    kt = table.iloc[0]
+    assert kt["mean_diff"] == pytest.approx(0.1033, abs=1e-4) and 0 < kt["ci_low"] < kt["mean_diff"] < kt["ci_high"]
+
+
+def test_claims_in_several_metrics_pair_by_seed_and_judge_each():
+    rows = []
+    for metric, values in (("mae", {("kt", 1): 0.8, ("kt", 2): 0.9, ("language_vision", 1): 0.9,
+                                    ("language_vision", 2): 1.0}),
+                           ("corr", {("kt", 1): 0.5, ("kt", 2): 0.6, ("language_vision", 1): 0.55,
+                                     ("language_vision", 2): 0.62})):
+        rows.append(_tidy(values, metric=metric))
+    table = X.claims(pd.concat(rows), metrics=["mae", "corr"])
+    kt = table[table["claim"].str.startswith("reconstructing")].set_index("metric")
+    assert list(kt.index) == ["mae", "corr"]
+    assert kt.loc["mae", "verdict"] == "supported"  # 0.1 lower on both seeds: sd 0, the interval is the point
+    # corr: lower on both seeds (-0.05, -0.02), but two seeds this far apart leave t(0.975, 1) = 12.7 * sd / sqrt(2)
+    # = 0.19 either side: the sign count alone is no verdict
+    assert kt.loc["corr", "verdict"] == "undecided" and kt.loc["corr", "signs"] == "0/2"
+    assert set(table[table["claim"].str.contains("full")]["verdict"]) == {"not run"}  # no full runs here
+
+
+def test_single_seed_claims_are_undecided_with_the_direction_in_the_sign_count():
     main = _tidy({("kt", 1): 0.8, ("language_vision", 1): 0.9, ("full", 1): 0.85, ("language_only", 1): 0.95})
-    verdicts = X.claims(main)["verdict"].tolist()
-    assert verdicts == ["same direction (1 seed)", "opposite direction (1 seed)", "same direction (1 seed)"]
+    table = X.claims(main)
+    assert table["verdict"].tolist() == ["undecided (1 seed)"] * 3
+    assert table["signs"].tolist() == ["1/1", "0/1", "1/1"]
+
+
+def test_ablation_claims_pair_variants_by_seed():
+    consistency = _tidy({("L2", 1): 0.80, ("L2", 2): 0.81, ("L2", 3): 0.79, ("L1", 1): 0.85, ("L1", 2): 0.86,
+                         ("L1", 3): 0.85}, column="variant")
+    main = _tidy({("kt", 1): 0.8, ("language_vision", 1): 0.9})
+    table = X.claims(main, {"consistency": consistency}).set_index("claim")
+    assert table.loc["L2 consistency beats L1", "verdict"] == "supported"
+    assert table.loc["all target branches beat target=audio alone", "verdict"] == "not run"
 
 
 def test_linear_probe_finds_more_of_the_audio_when_it_is_more_predictable(sim_cache):
@@ -58,3 +120,89 @@ def test_linear_probe_finds_more_of_the_audio_when_it_is_more_predictable(sim_ca
         r2[rho] = probes["audio from language+vision"]
         assert probes["sentiment from language"] > probes["sentiment from audio"]  # the simulator's ordering
     assert r2[1.0] > r2[0.0] + 0.15
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run store's tables: one row per configuration (its seeds), real-data fixtures named with their caveat
+
+
+def _fake_run(store, setting: str, seed: int, mae: float, layout: str = "mosi_aligned", data_seed: int = 0,
+              **model_overrides):
+    """A finished run folder as load_or_train writes it (config.json, metrics.json, history.csv), no training."""
+    from ktlib.model import ModelConfig
+    from ktlib.simulate import SimConfig
+    from ktlib.specs import LAYOUTS
+    from ktlib.train import TrainConfig, profile
+
+    quick = profile("quick")
+    model = ModelConfig.for_layout(LAYOUTS[layout], setting=setting, **{**quick.model, **model_overrides})
+    train = TrainConfig(**{**quick.train, "seed": seed})
+    if layout == "mosi_utterance":
+        data = {"layout": layout, "synthetic": False, "file": "mosi_poria2017_utt_stdsplit.pkl", "bytes": 2_500_000}
+    else:
+        sim = SimConfig(dataset="mosi", alignment="aligned", scale=quick.scale, seed=data_seed)
+        data = {"layout": layout, "synthetic": True, "simulator": asdict(sim)}
+    config = {"model": model.to_dict(), "train": asdict(train), "data": data}
+    blob = json.dumps(config, sort_keys=True, default=str)
+    folder = store / f"{layout}-{setting}-seed{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config, default=str))
+    scores = {"mae": mae, "corr": 0.5, "acc2_non0": 0.7, "f1_non0": 0.7, "acc7": 0.3, "loss": mae}
+    (folder / "metrics.json").write_text(json.dumps({"valid": scores, "test": scores,
+                                                     "synthetic": data["synthetic"]}))
+    (folder / "history.csv").write_text("epoch,train_task\n0,1.0\n")
+    return folder
+
+
+def test_store_table_keeps_two_kt_variants_with_the_same_seeds_apart(tmp_path, capsys):
+    for seed, (default, l1, other_data) in enumerate([(1.00, 1.10, 2.0), (0.99, 1.12, 2.0), (1.01, 1.08, 2.0)], 1):
+        _fake_run(tmp_path, "kt", seed, default)
+        _fake_run(tmp_path, "kt", seed, l1, consistency="l1")  # an ablation variant: same seeds, not more seeds
+        _fake_run(tmp_path, "kt", seed, other_data, data_seed=5)  # another simulation
+    tidy = R.collect(tmp_path)
+    assert tidy["config"].nunique() == 3 and tidy.groupby("config")["seed"].nunique().eq(3).all()
+    table = R.compare_with_paper(R.summarize(tidy)).set_index("variant")
+    assert len(table) == 3 and (table["seeds"] == 3).all()
+    assert table.loc["quick profile", "MAE"] == "1.000 ± 0.010"  # 1.00, 0.99, 1.01: sample std 0.01
+    assert table.loc["quick profile, consistency=l1", "MAE"] == "1.100 ± 0.020"
+    assert table.loc["quick profile, sim.seed=5", "MAE"] == "2.000 ± 0.000"
+    assert (table["MAE (paper)"] == 0.858).all()  # simulated MOSI: the paper's kt row beside it, as before
+    assert main(["table", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("quick profile") == 3 and "sample std (ddof=1)" in out
+
+
+def test_seed_and_seed_named_runs_do_not_split_a_configuration():
+    from ktlib.model import ModelConfig
+    from ktlib.train import TrainConfig
+
+    def config(seed, **train):
+        return {"model": ModelConfig(setting="full").to_dict(), "data": {"layout": "mosi_aligned"},
+                "train": asdict(TrainConfig(seed=seed, **train))}
+
+    assert R.config_id(config(1)) == R.config_id(config(2))
+    assert R.config_id(config(1)) != R.config_id(config(1, lr=0.01))
+    # a distillation student names its teacher by run id, which holds the (shared) seed
+    student = [config(s, teacher=f"mosi_aligned-full-seed{s}-{h}", distill_pred=1.0)
+               for s, h in ((1, "0123456789"), (2, "abcdef0123"))]
+    assert R.config_id(student[0]) == R.config_id(student[1]) != R.config_id(config(1))
+
+
+def test_real_fixture_runs_are_named_with_their_caveat_and_no_paper_row(tmp_path, capsys):
+    for seed, mae in ((1, 0.70), (2, 0.72)):
+        _fake_run(tmp_path, "kt", seed, mae, layout="mosi_utterance")
+        _fake_run(tmp_path, "kt", seed, mae + 0.3)  # the simulator, beside it
+    table = R.compare_with_paper(R.summarize(R.collect(tmp_path)))
+    fixture = table[table["dataset"] == "mosi_utterance"].iloc[0]
+    assert fixture["alignment"] == "utterance-level"
+    assert fixture["data"].startswith("real fixture mosi_utterance (") and "leak" in fixture["data"]
+    paper_columns = [c for c in table.columns if c.endswith("(paper)")]
+    assert fixture[paper_columns].isna().all()  # no paper number beside the fixture
+    assert fixture["MAE"] == "0.710 ± 0.014"
+    simulated = table[table["dataset"] == "mosi"].iloc[0]
+    assert simulated["MAE (paper)"] == pytest.approx(0.858) and simulated["data"] == "synthetic (simulator)"
+    assert not ((table["dataset"] == "mosi") & (table["data"] == "real")).any()  # never "mosi aligned real"
+    assert main(["table", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mosi_utterance is a real-data fixture, not the corpus" in out and "no paper numbers beside it" in out
+    assert R.data_label("mosi_utterance", False) == fixture["data"] and R.data_label("mosi_aligned", False) == "real"

@@ -26,8 +26,11 @@ from ktlib.model import (
     causal_mask_from_padding,
     consistency_loss,
     count_parameters,
+    derangement,
     load_checkpoint,
+    pool_onto,
     save_checkpoint,
+    span_mask_from_padding,
 )
 from ktlib.simulate import preset
 from ktlib.specs import MODALITIES, get_layout
@@ -125,17 +128,17 @@ def test_shapes_of_every_preset_and_setting(dataset, alignment, setting):
     if setting != "kt":
         assert set(details) == {"pooled"}
     else:
-        # aligned: f'_A lives on the shared time axis; unaligned: on the audio's own T_a query positions
-        t_hat = lens["l"] if alignment == "aligned" else lens["a"]
+        # aligned: f'_A lives on the shared time axis; unaligned: on the word slots (the language's axis)
+        t_hat = lens["l"]
         assert details["f_l"].shape == (b, lens["l"], d)
         assert details["f_v"].shape == (b, lens["v"], d)
         for name in ("a_from_v", "a_from_l", "f_a_hat"):
             assert details[name].shape == (b, t_hat, d), name
-        assert details["f_a"].shape == (b, lens["a"], d)  # training: the real audio's representation
+        assert details["f_a"].shape == (b, t_hat, d)  # training: the real audio's representation on that axis
         if alignment == "aligned":  # padding only where both sources are padding
             assert torch.equal(details["mask_a_hat"], batch["mask_l"] & batch["mask_v"])
-        else:  # the length of the missing audio is unknown at test time: no mask
-            assert details["mask_a_hat"] is None
+        else:  # the language's padding: no slot outside the utterance is a real frame
+            assert torch.equal(details["mask_a_hat"], batch["mask_l"])
         for name in ("loss_va", "loss_la"):
             assert details[name].shape == () and torch.isfinite(details[name]) and details[name] > 0
 
@@ -205,12 +208,12 @@ GRADIENT_CASES = [(s, a, {}) for s in SETTINGS for a in ("aligned", "unaligned")
 def test_every_used_parameter_gets_a_finite_nonzero_gradient(setting, alignment, extra):
     """One backward of task loss + consistency term (train mode, no dropout).
 
-    The only parameters without gradient are, in ``kt`` with the default ``kt_target="frozen"``, the audio
+    The only parameters without gradient are, in ``kt`` with the default ``kt_target="random"``, the audio
     projection and audio encoder: they only produce the consistency target f_A, which is detached by design.
     """
     cfg = short_config(alignment, setting=setting, **extra)
     model = _backward_once(cfg)
-    frozen = setting == "kt" and cfg.kt_target == "frozen"
+    frozen = setting == "kt" and cfg.kt_target == "random"
     checked = 0
     for name, p in model.named_parameters():
         assert p.requires_grad, name
@@ -230,7 +233,7 @@ def test_every_used_parameter_gets_a_finite_nonzero_gradient(setting, alignment,
 
 @pytest.mark.parametrize("alignment", ["aligned", "unaligned"])
 def test_trained_target_sends_consistency_gradient_to_the_audio_encoder(alignment):
-    frozen = _backward_once(short_config(alignment, setting="kt", kt_target="frozen"))
+    frozen = _backward_once(short_config(alignment, setting="kt", kt_target="random"))
     trained = _backward_once(short_config(alignment, setting="kt", kt_target="trained"))
     audio_params = [n for n, _ in trained.named_parameters() if n.startswith(AUDIO_ENCODER)]
     assert "proj.a.conv.weight" in audio_params and any(n.startswith("kt.enc_a.") for n in audio_params)
@@ -241,7 +244,7 @@ def test_trained_target_sends_consistency_gradient_to_the_audio_encoder(alignmen
         g = trained_params[name].grad
         assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
     # the target itself: detached when frozen, part of the graph when trained
-    cfg = short_config(alignment, setting="kt", kt_target="frozen")
+    cfg = short_config(alignment, setting="kt", kt_target="random")
     batch = synth_batch(cfg)
     assert not build(cfg).train()(batch, return_details=True)[1]["f_a"].requires_grad
     cfg = short_config(alignment, setting="kt", kt_target="trained")
@@ -617,9 +620,11 @@ def test_from_dict_names_unknown_fields():
     ({"targets": ()}, r"targets must be distinct modalities"),
     ({"targets": ("a", "a")}, r"targets must be distinct modalities"),
     ({"layers": 0}, r"layers, mem_layers and kt_layers must be >= 1"),
-    ({"kt_time_axis": "words"}, r"kt_time_axis must be auto, source or queries"),
+    ({"kt_time_axis": "words"}, r"kt_time_axis must be auto, source, language or queries"),
+    ({"kt_time_axis": "language", "setting": "kt_any"}, r"kt_time_axis='language' is for the audio target of 'kt'"),
+    ({"kt_hat_weight": -1.0}, r"kt_hat_weight must be a finite number >= 0"),
     ({"kt_concat": "sum"}, r"kt_concat must be feature or time"),
-    ({"kt_target": "moving"}, r"kt_target must be frozen or trained"),
+    ({"kt_target": "moving"}, r"kt_target must be one of \('random', 'trained', 'run'\), got 'moving'"),
     ({"consistency": "cosine"}, r"consistency must be l1 or l2"),
     ({"seq_lens": {"l": 50, "a": 50}}, r"seq_lens needs one entry per modality"),
 ])
@@ -631,7 +636,8 @@ def test_invalid_config_values_raise_clear_errors(overrides, message):
 def test_source_time_axis_needs_equal_lengths():
     with pytest.raises(ValueError, match=r"kt_time_axis='source' needs l, a, v of one length.*use 'queries'"):
         ModelConfig.for_layout("mosi", "unaligned", kt_time_axis="source")
-    assert ModelConfig.for_layout("mosi", "unaligned").time_axis == "queries"
+    assert ModelConfig.for_layout("mosi", "unaligned").time_axis == "language"
+    assert ModelConfig.for_layout("mosi", "unaligned", setting="kt_any").time_axis == "queries"
     assert ModelConfig.for_layout("mosi", "aligned").time_axis == "source"
     assert ModelConfig.for_layout("mosi", "aligned", kt_time_axis="queries").time_axis == "queries"
 
@@ -735,7 +741,7 @@ def test_audio_target_branch_queries_the_reconstruction():
     with torch.no_grad():
         out, details = model(synth_batch(cfg), return_details=True, need_weights=True)
     w = details["attention"]["trans_a_with_l"][0]
-    assert w.shape == (3, cfg.heads, cfg.seq_lens["a"], cfg.seq_lens["l"])
+    assert w.shape == (3, cfg.heads, cfg.seq_lens["l"], cfg.seq_lens["l"])  # f'_A lives on the word slots
 
 
 def test_aligned_reconstruction_is_padding_only_where_both_sources_are():
@@ -769,8 +775,8 @@ def test_time_concatenation_gives_the_same_reconstruction_shape(alignment):
         assert torch.isfinite(out).all() and torch.isfinite(details["f_a_hat"]).all()
         assert torch.isfinite(details["loss_va"])
         shapes[concat] = details["f_a_hat"].shape
-    t_a = SHORT[alignment]["seq_lens"]["a"]
-    assert shapes["feature"] == shapes["time"] == (3, t_a, 8)
+    t_hat = SHORT[alignment]["seq_lens"]["l"]  # the shared axis (aligned) or the word slots (unaligned)
+    assert shapes["feature"] == shapes["time"] == (3, t_hat, 8)
 
 
 def test_consistency_loss_by_hand():
@@ -796,7 +802,8 @@ def test_model_uses_the_configured_consistency_loss(kind):
     batch["present"][1, 1] = False
     with torch.no_grad():
         _, details = model(batch, return_details=True)
-    frames = ~batch["mask_a"] & batch["present"][:, 1:2]
+    _, real = model.audio_target(batch)  # f_A averaged over each word's span: the word slots with audio frames
+    frames = real & ~details["mask_a_hat"] & batch["present"][:, 1:2]
     diff_va = details["a_from_v"] - details["f_a"]
     diff_la = details["a_from_l"] - details["f_a"]
     err = (lambda x: x.abs()) if kind == "l1" else (lambda x: x.pow(2))
@@ -837,7 +844,8 @@ def test_kt_training_loss_ignores_audio_padding_frames():
     with torch.no_grad():
         _, details = model(batch, return_details=True)
         _, details_changed = model(changed, return_details=True)
-    real = ~batch["mask_a"]
+    real = model.audio_target(batch)[1]  # word slots that hold real audio frames
+    assert real.any() and torch.equal(real, model.audio_target(changed)[1])
     assert torch.allclose(details["f_a"][real], details_changed["f_a"][real], atol=1e-6)
     for name in ("loss_va", "loss_la"):
         assert torch.allclose(details[name], details_changed[name], rtol=1e-6, atol=0), name
@@ -932,3 +940,141 @@ def test_key_dropout_removes_whole_keys_and_renormalises():
 def test_attention_options_are_validated(field, value):
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{field: value})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The consistency target: without dropout, from a trained run, the placebo, delta's supervision
+
+
+WITH_DROPOUT = dict(text_dropout=0.2, embed_dropout=0.3, relu_dropout=0.3, res_dropout=0.3, out_dropout=0.1,
+                    attn_dropout={"l": 0.3, "a": 0.3, "v": 0.3})
+
+
+@pytest.mark.parametrize("alignment", ["aligned", "unaligned"])
+@pytest.mark.parametrize("target", ["random", "trained"])
+def test_consistency_target_has_no_dropout_in_training(alignment, target):
+    """f_A is the same twice in training mode (dropout on), and equals the eval-mode target."""
+    cfg = short_config(alignment, setting="kt", kt_target=target, **WITH_DROPOUT)
+    model = build(cfg).train()
+    batch = synth_batch(cfg)
+    first = model(batch, return_details=True)[1]
+    second = model(batch, return_details=True)[1]
+    assert not torch.equal(first["a_from_v"], second["a_from_v"]), "dropout is on elsewhere"
+    assert torch.equal(first["f_a"], second["f_a"])
+    assert model.training and model.kt.enc_a.training, "the encoder's mode is restored"
+    assert torch.allclose(first["f_a"], model.audio_target(batch)[0], atol=1e-6)
+
+
+def test_target_from_a_run_is_that_runs_projected_audio_and_stays_fixed():
+    cfg = short_config("aligned", setting="kt", kt_target="run")
+    kt, full = build(cfg, seed=1), build(short_config("aligned", setting="full"), seed=2)
+    assert isinstance(kt.kt.enc_a, nn.Identity), "with kt_target='run', f_A is the run's projection itself"
+    kt.load_audio_encoder(full)
+    batch = synth_batch(cfg)
+    _, details = kt.train()(batch, return_details=True)
+    with torch.no_grad():
+        expected = full.proj["a"](batch["a"])
+    assert torch.equal(details["f_a"], expected)
+    (details["loss_va"] + details["loss_la"]).backward()
+    assert all(not p.requires_grad and p.grad is None for p in kt.proj["a"].parameters())
+    with pytest.raises(ValueError, match=r"has no audio projection; use a run that saw real audio"):
+        kt.load_audio_encoder(build(short_config("aligned", setting="language_vision")))
+
+
+def test_derangement_pairs_every_sample_with_another():
+    torch.manual_seed(0)
+    for n in (2, 3, 10):
+        perm = derangement(n)
+        assert sorted(perm.tolist()) == list(range(n)) and (perm != torch.arange(n)).all()
+    assert derangement(1).tolist() == [0]
+
+
+def test_placebo_target_comes_from_another_sample_of_the_batch():
+    cfg = short_config("aligned", setting="kt", kt_target_shuffle=True)
+    model = build(cfg).train()
+    batch = synth_batch(cfg, batch_size=4)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        f_a = model(batch, return_details=True)[1]["f_a"]
+    torch.manual_seed(5)
+    perm = derangement(4)  # the model draws the pairing first from the same random stream
+    own = model.audio_target(batch)[0]
+    assert torch.allclose(f_a, own[perm], atol=1e-6)
+    assert not torch.allclose(f_a, own, atol=1e-3)
+
+
+def test_supervising_delta_adds_its_weighted_loss_to_the_consistency_term():
+    base = short_config("aligned", setting="kt", lambda1=0.5, lambda2=2.0)
+    batch = synth_batch(base)
+    terms = {}
+    for weight in (0.0, 3.0):
+        model = build(ModelConfig.from_dict({**base.to_dict(), "kt_hat_weight": weight})).train()
+        with torch.no_grad():
+            details = model(batch, return_details=True)[1]
+            terms[weight] = model.consistency_term(details).item()
+        hat = details["f_a_hat"]
+        frames = model.audio_target(batch)[1] & ~details["mask_a_hat"]
+        expected = (hat - details["f_a"]).pow(2)[frames].mean().item()
+        assert details["loss_hata"].item() == pytest.approx(expected, rel=1e-5)
+    assert terms[3.0] - terms[0.0] == pytest.approx(3.0 * details["loss_hata"].item(), rel=1e-4)
+
+
+def test_memory_depth_follows_mult():
+    assert ModelConfig(layers=4).mem_layers == 4 and ModelConfig(layers=1).mem_layers == 3
+    assert ModelConfig(layers=5, mem_layers=2).mem_layers == 2
+    assert ModelConfig.for_layout("mosi", "aligned").mem_layers == 4  # the paper's 4 layers
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Unaligned f'_A: on the word slots, never presenting slots outside the utterance as real frames
+
+
+def test_span_mask_by_hand():
+    # 2 real queries of 3 steps (front padding 1), 4 real keys of 5: query 0 covers [0, 1/2), query 1 [1/2, 1)
+    query_pad = torch.tensor([[True, False, False]])
+    key_pad = torch.tensor([[True, False, False, False, False]])
+    blocked = span_mask_from_padding(query_pad, key_pad)[0]
+    assert blocked[0].tolist() == [False] * 5  # a padding query is not constrained
+    assert blocked[1].tolist() == [True, False, False, True, True]  # keys 0, 1 (spans [0, 1/4), [1/4, 1/2))
+    assert blocked[2].tolist() == [True, True, True, False, False]
+    # 2 queries over 3 keys: the middle key [1/3, 2/3) overlaps both halves
+    blocked = span_mask_from_padding(torch.tensor([[False, False]]), torch.tensor([[False, False, False]]))[0]
+    assert blocked.tolist() == [[False, False, True], [True, False, False]]
+
+
+def test_pool_onto_averages_each_words_frames_by_hand():
+    # 2 word slots (both real), 5 frames of which 4 are real: centres 1/8, 3/8 -> word 0; 5/8, 7/8 -> word 1
+    values = torch.tensor([[[9.0], [1.0], [3.0], [5.0], [7.0]]])
+    value_pad = torch.tensor([[True, False, False, False, False]])
+    pooled, real = pool_onto(values, value_pad, torch.tensor([[False, False]]))
+    assert pooled[0, :, 0].tolist() == [2.0, 6.0] and real.tolist() == [[True, True]]
+    # 3 words, 1 frame: only the middle word holds it; the others are not real and are zero
+    pooled, real = pool_onto(torch.tensor([[[4.0]]]), torch.tensor([[False]]), torch.tensor([[False, False, False]]))
+    assert real.tolist() == [[False, True, False]] and pooled[0, :, 0].tolist() == [0.0, 4.0, 0.0]
+
+
+def test_unaligned_reconstruction_is_real_only_inside_the_utterance():
+    cfg = short_config("unaligned", setting="kt")
+    model = build(cfg).eval()
+    batch = synth_batch(cfg, batch_size=3, seed=4)
+    assert batch["mask_l"].any(), "some word slots are padding"
+    with torch.no_grad():
+        _, details = model(batch, return_details=True, need_weights=True)
+    assert torch.equal(details["mask_a_hat"], batch["mask_l"])
+    # the backbone's (A') -> L branch gives padding slots of f'_A no weight
+    w = details["attention"]["trans_l_with_a"][0]  # (B, H, T_l, T_l)
+    assert (w.masked_select(batch["mask_l"][:, None, None, :].expand_as(w)) == 0).all()
+    # theta's word slots read only vision frames of their own span (kt_layers=1: one cross-modal layer)
+    recon = model.kt.recon["a"]
+    g = torch.Generator().manual_seed(1)
+    f_v = torch.randn(3, cfg.seq_lens["v"], cfg.d, generator=g)
+    masks = {"l": batch["mask_l"], "v": batch["mask_v"]}
+    outside = span_mask_from_padding(batch["mask_l"], batch["mask_v"])[:, -1]  # (B, T_v): not in the last word
+    f_v2 = torch.where(outside[..., None], f_v + 3.0 * torch.randn(f_v.shape, generator=g), f_v)
+    f_l = torch.randn(3, cfg.seq_lens["l"], cfg.d, generator=g)
+    with torch.no_grad():
+        out1 = recon({"l": f_l, "v": f_v}, masks)["a_from_v"]
+        out2 = recon({"l": f_l, "v": f_v2}, masks)["a_from_v"]
+    assert out1.shape == (3, cfg.seq_lens["l"], cfg.d)
+    assert torch.allclose(out1[:, -1], out2[:, -1], atol=1e-5)  # the last word reads only its own frames
+    assert not torch.allclose(out1[:, -2], out2[:, -2], atol=1e-3)  # the word before reads changed frames
