@@ -142,6 +142,42 @@ def cmd_grid(args) -> int:
     return 0
 
 
+def cmd_transfer(args) -> int:
+    """kt with each consistency target against language+vision and its placebo, in the cells of the simulator's
+    story; the verdicts and each prediction beside its outcome (synthetic data)."""
+    import os
+
+    import pandas as pd
+
+    from . import experiments as X
+
+    if args.runs_dir:
+        os.environ["KTLIB_RUNS_DIR"] = args.runs_dir  # worker processes read the store from the environment
+    cells = X.transfer_params(max(2, len(args.seeds)), args.targets, args.supervise, args.regimes,
+                              args.controls)[1]
+    if len(args.seeds) < 2:
+        raise SystemExit("transfer: give at least two --seeds (a paired interval needs two)")
+    data = _load(args)
+    start = time.perf_counter()
+    tidy = X.transfer_runs(data, cells, args.seeds, args.profile, workers=args.workers or None,
+                           progress=not args.quiet)
+    print(f"{data.layout.name} [{data.kind}], profile {args.profile}, seeds {args.seeds}: "
+          f"{tidy['run'].nunique()} runs ready in {time.perf_counter() - start:.0f} s")
+    if args.out:
+        tidy.to_csv(args.out, index=False)
+        print(f"tidy table written to {args.out}")
+    with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 300):
+        test = tidy[(tidy["split"] == "test") & tidy["metric"].isin(["mae", "corr"])]
+        print("\ntest split, mean ± std over seeds (sample std) [synthetic]")
+        print(test.groupby(["cell", "method", "metric"], sort=False)["value"].agg(X.fmt_seeds)
+              .unstack("metric").to_string())
+        print("\ntransfer verdicts (paired by seed, 95 % t intervals, sign counts) [synthetic]")
+        print(X.transfer_verdicts(tidy).to_string(index=False))
+        print("\nthe story's predictions beside their outcomes [synthetic]")
+        print(X.story_outcomes(tidy).to_string(index=False))
+    return 0
+
+
 def cmd_table(args) -> int:
     from .runs import collect, compare_with_paper, summarize, table_notes
 
@@ -252,6 +288,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grid", help="settings x seeds: mean +- std beside the paper's numbers")
     add_run_options(p, settings_many=True)
     p.set_defaults(func=cmd_grid)
+
+    p = sub.add_parser("transfer", help="when reconstruction helps: kt's targets vs language+vision and a placebo "
+                                        "in the simulator's cells (notebook 4, part 4)")
+    p.add_argument("--alignment", choices=ALIGNMENTS, default="aligned", help="word-aligned or unaligned")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="training seeds (default 1-5)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="quick", help="profile (default quick)")
+    p.add_argument("--scale", type=float, default=None, help="simulator scale (default: the profile's)")
+    p.add_argument("--data-seed", type=int, default=0, help="simulator seed (default 0)")
+    p.add_argument("--targets", default="random,placebo,full,audio_only",
+                   help="kt's consistency targets, comma-separated (default all four)")
+    p.add_argument("--supervise", action="store_true", help="also every target with f'_A supervised")
+    p.add_argument("--regimes", default="labels_bottleneck,default", help="main cells (simulator regimes)")
+    p.add_argument("--controls", default="lambda=0,matched,audio_shared=0,train_scale=1",
+                   help="controls at the labels-bottleneck regime (empty for none)")
+    p.add_argument("--workers", type=int, default=0, help="training processes (0: automatic)")
+    p.add_argument("--runs-dir", default=None, help="run store (default runs/, or $KTLIB_RUNS_DIR)")
+    p.add_argument("--out", default=None, help="also write the tidy table of every run to this CSV file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_transfer, dataset="mosi", source="simulated", data_path=None)
 
     p = sub.add_parser("table", help="summarise every finished run in the store, one row per configuration")
     p.add_argument("--runs-dir", default=None, help="run store (default runs/, or $KTLIB_RUNS_DIR)")

@@ -4,8 +4,10 @@ the same functions, so a result is read back from the run store, never trained t
 - :func:`main_runs`: the five settings of Tables I-III over the training seeds.
 - :func:`ablation_runs`: the knowledge-transfer model with L1 vs L2 consistency (Table V), one target branch kept
   vs all (Table IV) and a sweep of the consistency weights lambda1 = lambda2.
-- :func:`predictability_runs`: language+vision and kt on simulated data whose audio is more or less predictable
-  from vision and language (the simulator's ``audio_predictability``); simulator only.
+- :func:`transfer_runs`, :func:`transfer_verdicts` and :func:`story_outcomes` (simulator only): kt with each
+  consistency target against language+vision and a placebo target, in the cells of the simulator's story
+  (:func:`transfer_cells`), and each of the story's predictions beside its outcome; :func:`shared_runs` sweeps
+  the knob ``audio_shared``.
 - :func:`paired_differences` and :func:`claims`: kt against language+vision seed by seed, and which of the paper's
   claims a set of runs supports.  Both pair the two sides by training seed and judge with the one rule of
   :mod:`ktlib.stats`: the mean of the signed per-seed differences, its 95 % Student-t interval and the sign count;
@@ -44,14 +46,13 @@ from .runs import (
     run_jobs,
     train_missing,
 )
-from .stats import paired, seed_table
+from .stats import fmt_seeds, paired, seed_table  # noqa: F401 - fmt_seeds is re-exported for notebooks
 
 # Ablation families: label -> ModelConfig overrides of the kt model.  The default kt model is in each family.
 CONSISTENCY = {"L2": {}, "L1": {"consistency": "l1"}}  # Table V
 TARGETS = {"all targets": {}, "target=language": {"targets": ("l",)}, "target=audio": {"targets": ("a",)},
            "target=vision": {"targets": ("v",)}}  # Table IV: which target modality's cross-modal branch is kept
 LAMBDAS = (0.0, 1.0)  # lambda1 = lambda2; 0 trains the transfer network by the task loss alone
-PREDICTABILITY = (0.0, 0.7, 1.0)  # the simulator's audio_predictability (0.7: its default)
 FAMILIES = {"consistency": CONSISTENCY, "targets": TARGETS,
             "lambda": {f"lambda={v:g}": {"lambda1": v, "lambda2": v} for v in LAMBDAS}}
 
@@ -67,26 +68,6 @@ def ablation_runs(data: MultimodalData, seeds, profile_name: str, workers: int |
     jobs = {name: plan(data, ["kt"], seeds, profile_name, variants) for name, variants in FAMILIES.items()}
     train_missing([j for js in jobs.values() for j in js], progress=progress, workers=workers)  # all at once
     return {name: read_jobs(js) for name, js in jobs.items()}
-
-
-def predictability_runs(data: MultimodalData, seeds, profile_name: str, values=PREDICTABILITY,
-                        workers: int | None = None, progress: bool = True) -> pd.DataFrame | None:
-    """language+vision and kt on the simulator at each ``audio_predictability``; None for real data.
-
-    Every other knob is the one of ``data``; the variant column reads ``audio_predictability=<value>``.
-    """
-    if data.sim_config is None:
-        return None
-    cache = data.path.parent if data.path is not None else None
-    jobs = []
-    for value in values:
-        sim = data if value == data.sim_config.audio_predictability else load_simulated(
-            replace(data.sim_config, audio_predictability=float(value)), cache_dir=cache)
-        jobs += plan(sim, ["language_vision", "kt"], seeds, profile_name,
-                     {f"audio_predictability={value:g}": {}})
-    table = run_jobs(jobs, progress=progress, workers=workers)
-    table["audio_predictability"] = table["variant"].str.split("=").str[1].astype(float)
-    return table
 
 
 def _seed_differences(tidy: pd.DataFrame, column: str, a: str, b: str, metric: str,
@@ -495,27 +476,154 @@ def transfer_verdicts(tidy: pd.DataFrame, metrics=("mae", "corr")) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def transfer_cells(main: bool = True, controls: bool = True, sizes=(0.5, 1.0)) -> dict[str, Cell]:
+CONTROLS = ("lambda=0", "matched", "audio_shared=0", "train_scale=1")  # the controls of notebook 4
+
+
+def transfer_cells(targets=tuple(TRANSFER_TARGETS), supervision=tuple(SUPERVISION),
+                   regimes=("labels_bottleneck", "default"), controls=CONTROLS) -> dict[str, Cell]:
     """The comparison of the workbook's story (module :mod:`ktlib.simulate`), as cells.
 
-    Main: at the simulator's default and where the labels are the bottleneck, language+vision and full against
-    kt with each target, with and without supervising f'_A.  Controls, each at the labels-bottleneck regime:
-    lambda = 0, language+vision with about kt's parameter count, the knob ``audio_shared`` at 0 (nothing of the
-    audio's affect is shared), and more training utterances (``sizes``: train_scale values, the gain should
-    shrink).
+    Main (one cell per regime): language+vision and full (and audio_only where it gives a target) against kt with
+    each target, with and without supervising f'_A.  Controls, each at the labels-bottleneck regime: ``lambda=0``
+    (kt with the full target and no consistency loss), ``matched`` (language+vision with about kt's parameter
+    count), ``audio_shared=0`` (nothing of the audio's affect is shared: kt with the full target and its placebo)
+    and ``train_scale=<x>`` (the bottleneck's noisy labels on x times the published training split, with the same
+    number of optimisation steps: the gain should shrink as x grows).
     """
+    known = ("lambda=0", "matched", "audio_shared=0")
+    bad = [c for c in controls if c not in known and not c.startswith("train_scale=")]
+    if bad:
+        raise ValueError(f"unknown control(s) {bad}: choose among {known} and train_scale=<x>")
     lv_full = {"language_vision": ("language_vision", {}), "full": ("full", {})}
     cells = {}
-    if main:
-        cells["labels_bottleneck"] = Cell("labels_bottleneck", baselines={
-            **lv_full, "audio_only": ("audio_only", {}), "language_vision (matched)": ("language_vision", MATCHED_LV)},
-            variants=transfer_variants() if not controls else transfer_variants(**{
-                "target=full lambda=0": {**TRANSFER_TARGETS["full"], "lambda1": 0.0, "lambda2": 0.0}}))
-        cells["default"] = Cell("default", baselines={**lv_full, "audio_only": ("audio_only", {})})
-    if controls:
-        few = transfer_variants(("full", "placebo"), ("",))
-        cells["labels_bottleneck, audio_shared=0"] = Cell("labels_bottleneck", {"audio_shared": 0.0}, lv_full, few)
-        for size in sizes:
-            cells[f"labels_bottleneck, train_scale={size:g}"] = Cell("labels_bottleneck", {"train_scale": size},
-                                                                     lv_full, few)
+    for regime in regimes:
+        baselines = dict(lv_full)
+        if "audio_only" in targets:
+            baselines["audio_only"] = ("audio_only", {})
+        variants = transfer_variants(targets, supervision)
+        if regime == "labels_bottleneck":
+            if "matched" in controls:
+                baselines["language_vision (matched)"] = ("language_vision", MATCHED_LV)
+            if "lambda=0" in controls:
+                variants["target=full lambda=0"] = {**TRANSFER_TARGETS["full"], "lambda1": 0.0, "lambda2": 0.0}
+        cells[regime] = Cell(regime, baselines=baselines, variants=variants)
+    few = transfer_variants(("full", "placebo"), ("",))
+    for control in controls:
+        if control == "audio_shared=0":
+            cells["labels_bottleneck, audio_shared=0"] = Cell("labels_bottleneck", {"audio_shared": 0.0}, lv_full, few)
+        elif control.startswith("train_scale="):
+            size = float(control.split("=")[1])
+            cells[f"labels_bottleneck, {control}"] = Cell("labels_bottleneck", {"train_scale": size}, lv_full, few)
     return cells
+
+
+def transfer_params(seeds: int, targets: str, supervise: bool, regimes: str, controls: str):
+    """Check notebook 4's parameters of part 4; returns (seed list, cells).  ``targets``, ``regimes`` and
+    ``controls`` are comma-separated (controls may be empty)."""
+    from .simulate import REGIMES
+
+    problems = []
+    if not (isinstance(seeds, int) and 2 <= seeds <= 20):
+        problems.append(f"transfer_seeds={seeds!r}: an integer from 2 to 20 (a paired interval needs two seeds)")
+
+    def names(text, allowed, label, empty_ok=False):
+        out = tuple(x.strip() for x in text.split(",") if x.strip())
+        bad = [x for x in out if x not in allowed and not (label == "controls" and x.startswith("train_scale="))]
+        if bad or (not out and not empty_ok):
+            problems.append(f"{label}={text!r}: comma-separated names among {tuple(allowed)}"
+                            + (" and train_scale=<x> with 0 < x <= 20" if label == "controls" else ""))
+        return out
+
+    target_list = names(targets, TRANSFER_TARGETS, "transfer_targets")
+    regime_list = names(regimes, REGIMES, "transfer_regimes")
+    control_list = names(controls, ("lambda=0", "matched", "audio_shared=0"), "controls", empty_ok=True)
+    for c in control_list:
+        if c.startswith("train_scale="):
+            try:
+                ok = 0 < float(c.split("=")[1]) <= 20
+            except ValueError:
+                ok = False
+            if not ok:
+                problems.append(f"controls: {c!r} needs a number in (0, 20], e.g. train_scale=1")
+    if not isinstance(supervise, bool):
+        problems.append(f"supervise={supervise!r}: True or False")
+    if problems:
+        raise ValueError("notebook parameters out of range:\n  - " + "\n  - ".join(problems))
+    supervision = tuple(SUPERVISION) if supervise else ("",)
+    return list(range(1, seeds + 1)), transfer_cells(target_list, supervision, regime_list, control_list)
+
+
+def _gain(table: pd.DataFrame, cell: str, a: str, b: str, metric: str):
+    hit = table[(table["cell"] == cell) & (table["method"] == a) & (table["versus"] == b)
+                & (table["metric"] == metric)]
+    return None if hit.empty else hit.iloc[0]
+
+
+def _show(row) -> str:
+    if row is None:
+        return "not run"
+    return f"{row['gain']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}] ({row['verdict']})"
+
+
+def story_outcomes(tidy: pd.DataFrame, method: str = "kt target=full", metrics=("mae", "corr")) -> pd.DataFrame:
+    """Each prediction of the simulator's story (:data:`ktlib.simulate.PREDICTIONS`) beside what the runs of
+    :func:`transfer_cells` show: paired gains (positive: the first method is better) with their 95 % intervals.
+
+    ``agrees`` is True, False, or None where the cells it needs were not run.  P1's reconstruction half is
+    checked in notebook 5 (``ktlib.analysis.reconstruction_r2``).
+    """
+    from .simulate import PREDICTIONS
+
+    placebo = "kt target=placebo"
+    cells = list(tidy["cell"].unique())
+    pairs = [(method, "language_vision"), (method, placebo), ("full", method)]
+    table = paired_table(tidy, pairs, metrics)
+    rows = []
+
+    def add(key, observed, agrees):
+        rows.append({"prediction": key, "expected": PREDICTIONS[key], "observed": observed, "agrees": agrees})
+
+    zero = next((c for c in cells if "audio_shared=0" in c), None)
+    if zero is not None:
+        r = [_gain(table, zero, method, placebo, m) for m in metrics]
+        add("P1", "; ".join(f"{m} vs placebo {_show(x)}" for m, x in zip(metrics, r, strict=True)),
+            all(x is not None and x["verdict"] != "supported" for x in r))
+    for cell in (c for c in ("labels_bottleneck", "default") if c in cells):
+        r = {(b, m): _gain(table, cell, method, b, m) for b in ("language_vision", placebo) for m in metrics}
+        shown = all(x is not None and x["verdict"] == "supported" for x in r.values())
+        add("P2", f"{cell}: " + "; ".join(f"{m} vs {b.replace('kt target=', '')} {_show(x)}"
+                                          for (b, m), x in r.items()),
+            shown if cell == "labels_bottleneck" else None)
+    sizes = sorted((float(c.split("train_scale=")[1]), c) for c in cells if "train_scale=" in c)
+    if "labels_bottleneck" in cells and sizes:
+        from .simulate import REGIMES
+
+        series = [(REGIMES["labels_bottleneck"]["train_scale"], "labels_bottleneck"), *sizes]
+        for m in metrics:
+            gains = [(size, _gain(table, c, method, "language_vision", m)) for size, c in series]
+            known = [(size, g["gain"]) for size, g in gains if g is not None]
+            add("P3", f"{m} gain vs language+vision by train_scale: " +
+                "; ".join(f"{size:g}: {_show(g)}" for size, g in gains),
+                bool(known) and known[0][1] > known[-1][1])
+    for cell in cells:
+        r = [_gain(table, cell, "full", method, m) for m in metrics]
+        if all(x is None for x in r):
+            continue
+        add("P4", f"{cell}: full - kt " + "; ".join(f"{m} {_show(x)}" for m, x in zip(metrics, r, strict=True)),
+            all(x is None or x["verdict"] != "opposite" for x in r))
+    return pd.DataFrame(rows)
+
+
+SHARED_VALUES = (0.0, 0.4, 0.8, 1.0)  # the simulator's audio_shared (0.8: its default)
+
+
+def shared_runs(data: MultimodalData, seeds, profile_name: str, values=SHARED_VALUES, regime: str = "default",
+                workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """language+vision, full and kt (target: the full run) at each ``audio_shared``, in ``regime``: the tidy table
+    of :func:`transfer_runs` with an ``audio_shared`` column."""
+    lv_full = {"language_vision": ("language_vision", {}), "full": ("full", {})}
+    cells = {f"audio_shared={v:g}": Cell(regime, {"audio_shared": float(v)}, lv_full,
+                                         transfer_variants(("full",), ("",))) for v in values}
+    tidy = transfer_runs(data, cells, seeds, profile_name, workers, progress)
+    tidy["audio_shared"] = tidy["cell"].str.split("=").str[1].astype(float)
+    return tidy

@@ -208,31 +208,74 @@ def metric_bars(tidy, metrics, title: str, by: str = "setting", paper: dict | No
     return fig
 
 
-def predictability_curve(table, title: str, metric: str = "mae"):
-    """Left: the metric of language+vision and kt against the simulator's audio_predictability (mean and seeds).
-    Right: kt's gain over language+vision (positive: the reconstruction helps)."""
-    test = table[(table["split"] == "test") & (table["metric"] == metric)]
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
-    for setting in ("language_vision", "kt"):
-        part = test[test["setting"] == setting]
-        mean = part.groupby("audio_predictability")["value"].mean()
-        axes[0].plot(mean.index, mean.to_numpy(), "-o", color=SETTING_COLORS[setting], label=setting)
-        axes[0].scatter(part["audio_predictability"], part["value"], s=10, color=SETTING_COLORS[setting], alpha=0.5)
-    axes[0].set(xlabel="audio_predictability (simulator)", ylabel=METRIC_NAMES.get(metric, metric), title=metric)
-    axes[0].legend(fontsize=8)
-    wide = test.pivot_table(index=["audio_predictability", "seed"], columns="setting", values="value")
+def knob_curve(tidy, knob: str, title: str, metric: str = "mae", methods=("language_vision", "kt target=full",
+                                                                          "full")):
+    """Left: each method's metric against a simulator knob (mean and seeds).  Right: kt's gain over
+    language+vision, seed by seed, with its mean (positive: the reconstruction helps).  Synthetic data."""
     from .metrics import LOWER_IS_BETTER
 
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-    gain = sign * (wide["kt"] - wide["language_vision"])
-    gain = gain.reset_index(name="gain")
-    axes[1].axhline(0, color="black", lw=0.8)
-    axes[1].scatter(gain["audio_predictability"], gain["gain"], color=COLORS["a_hat"], s=14)
-    g = gain.groupby("audio_predictability")["gain"].mean()
-    axes[1].plot(g.index, g.to_numpy(), "-o", color=COLORS["a_hat"])
-    axes[1].set(xlabel="audio_predictability (simulator)", ylabel="kt gain over language+vision",
-                title="what reconstruction gives")
+    test = tidy[(tidy["split"] == "test") & (tidy["metric"] == metric)]
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
+    palette = {"language_vision": SETTING_COLORS["language_vision"], "full": SETTING_COLORS["full"]}
+    for method in methods:
+        part = test[test["method"] == method]
+        if part.empty:
+            continue
+        color = palette.get(method, COLORS["a_hat"])
+        mean = part.groupby(knob)["value"].mean()
+        axes[0].plot(mean.index, mean.to_numpy(), "-o", color=color, label=method)
+        axes[0].scatter(part[knob], part["value"], s=10, color=color, alpha=0.5)
+    axes[0].set(xlabel=f"{knob} (simulator)", ylabel=METRIC_NAMES.get(metric, metric), title=metric)
+    axes[0].legend(fontsize=8)
+    wide = test.pivot_table(index=[knob, "seed"], columns="method", values="value")
+    kt = next((m for m in methods if m.startswith("kt")), None)
+    if kt in wide and "language_vision" in wide:
+        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+        gain = (sign * (wide[kt] - wide["language_vision"])).reset_index(name="gain")
+        axes[1].axhline(0, color="black", lw=0.8)
+        axes[1].scatter(gain[knob], gain["gain"], color=COLORS["a_hat"], s=14)
+        g = gain.groupby(knob)["gain"].mean()
+        axes[1].plot(g.index, g.to_numpy(), "-o", color=COLORS["a_hat"])
+    axes[1].set(xlabel=f"{knob} (simulator)", ylabel=f"{kt} gain over language+vision", title="what it gives")
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def interval_forest(table, title: str):
+    """Paired gains with their 95 % intervals (``ktlib.experiments.paired_table``), one panel per metric: a row per
+    cell and comparison, coloured by verdict; positive means the first method is better."""
+    metrics = list(dict.fromkeys(table["metric"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 0.32 * len(table) / len(metrics) + 1.6),
+                             squeeze=False, sharey=True)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        part = table[table["metric"] == metric].reset_index(drop=True)
+        ys = np.arange(len(part))[::-1]
+        for y, row in zip(ys, part.itertuples(), strict=True):
+            color = VERDICT_COLORS.get(row.verdict, "#7f7f7f")
+            if np.isfinite(row.low):
+                ax.plot([row.low, row.high], [y, y], color=color, lw=2)
+            ax.scatter([row.gain], [y], color=color, s=18, zorder=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_yticks(ys, [f"{r.cell}: {r.method} vs {r.versus}" for r in part.itertuples()], fontsize=7)
+        ax.set_title(f"{METRIC_NAMES.get(metric, metric)} (gain, 95 % interval)", fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def r2_curve(table, knob: str, title: str, truth: str = "label-relevant"):
+    """Held-out R^2 of the probes (``ktlib.analysis.reconstruction_r2``) to one ground-truth part against a knob:
+    a line per representation, seeds as points (synthetic data)."""
+    part = table[table["truth"] == truth]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for i, (name, group) in enumerate(part.groupby("representation", sort=False)):
+        mean = group.groupby(knob)["R2"].mean()
+        ax.plot(mean.index, mean.to_numpy(), "-o", label=name, color=plt.cm.tab10(i))
+        ax.scatter(group[knob], group["R2"], s=8, alpha=0.5, color=plt.cm.tab10(i))
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(xlabel=f"{knob} (simulator)", ylabel=f"held-out R² to the {truth} signal", title=title)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig
 

@@ -189,6 +189,17 @@ REGIMES = {
 }
 
 
+# The story's predictions (module docstring), keyed as in notebook 4 and docs/results.md.
+PREDICTIONS = {
+    "P1": "audio_shared = 0: kt gains nothing over its placebo (no interval excludes zero in kt's favour); the probe "
+          "of f'_A recovers none of the audio's label-relevant signal (R^2 <= 0.05)",
+    "P2": "labels the bottleneck (noisy labels, few utterances), audio_shared > 0: kt with a target that carries "
+          "the audio's affect beats language+vision and its placebo",
+    "P3": "the gain over language+vision shrinks as the training set grows",
+    "P4": "full (real audio at test) is not worse than kt, and its lead is larger at audio_shared = 0",
+}
+
+
 @dataclass
 class Simulation:
     """A simulated dataset: ``raw`` in the MulT file layout, plus ground truth the real files do not have."""

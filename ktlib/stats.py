@@ -147,6 +147,11 @@ def fmt_mean_std(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {spread}"
 
 
+def fmt_seeds(values: Iterable, digits: int = 3) -> str:
+    """The values over seeds as ``"mean ± std"`` (the one convention), e.g. for ``groupby(...).agg(fmt_seeds)``."""
+    return fmt_mean_std(*mean_std(values), digits)
+
+
 def seed_table(frame, keys: list[str], value: str = "value", count: str = "n"):
     """Per group of ``keys``: ``mean``, ``std`` (sample, ddof=1) and the number of finite values (``count``).
 

@@ -15,7 +15,7 @@ import pandas as pd
 from .data import MultimodalData, atomic_write, get_data
 from .runs import default_runs_dir
 from .simulate import REGIMES
-from .specs import ALIGNMENTS, DATASETS
+from .specs import ALIGNMENTS, DATASETS, MOSI_UTTERANCE
 from .train import PROFILES, Profile, profile
 
 
@@ -62,8 +62,9 @@ def setup(dataset: str = "mosi", alignment: str = "aligned", profile_name: str =
     the simulator (:data:`ktlib.simulate.REGIMES`).
     """
     problems = []
-    if dataset not in DATASETS:
-        problems.append(f"dataset={dataset!r}: choose one of {DATASETS}")
+    if dataset not in (*DATASETS, MOSI_UTTERANCE.name):
+        problems.append(f"dataset={dataset!r}: choose one of {DATASETS}, or {MOSI_UTTERANCE.name!r} (the real "
+                        f"utterance-level MOSI file, with source='real' and data_path its folder)")
     if alignment not in ALIGNMENTS:
         problems.append(f"alignment={alignment!r}: choose one of {ALIGNMENTS}")
     if profile_name not in PROFILES:

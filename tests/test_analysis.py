@@ -80,16 +80,33 @@ def kt_model(mosi):
     return KTModel(cfg).eval()
 
 
-def test_audio_embeddings_on_the_audio_time_axis(mosi, kt_model):
+def test_audio_embeddings_on_the_reconstructions_time_axis(mosi, kt_model):
     emb = A.audio_embeddings(kt_model, mosi, "test", batch_size=16)
-    n, t_a = len(mosi["test"]), mosi.layout.seq_lens["a"]
+    n, t = len(mosi["test"]), mosi.layout.seq_lens["l"]  # the shared word slots, or the language's (unaligned)
     for name in A.NAMES:
-        assert emb.frames[name].shape == (n, t_a, 8)
-    assert emb.real.shape == (n, t_a) and emb.y.shape == (n,)
-    np.testing.assert_array_equal(emb.real, mosi["test"].lengths("a")[:, None] > np.arange(t_a)[::-1][None])
+        assert emb.frames[name].shape == (n, t, 8)
+    assert emb.real.shape == (n, t) and emb.y.shape == (n,)
+    words = mosi["test"].lengths("l")[:, None] > np.arange(t)[::-1][None]
+    assert not (emb.real & ~words).any(), "no frame outside the utterance's words counts as real"
+    if mosi.layout.alignment == "aligned":
+        np.testing.assert_array_equal(emb.real, words & (mosi["test"].lengths("a")[:, None] > np.arange(t)[::-1]))
+    assert set(emb.truth) == set(A.TRUTH) and emb.truth["shared"].shape == (n, t, 2)
     table = A.similarity_table(emb)
     assert set(table["reconstruction"]) == {A.NAMES[n] for n in A.RECONSTRUCTIONS}
     assert np.isfinite(table.drop(columns="reconstruction").to_numpy(dtype=float)).all()
+
+
+def test_truth_on_the_word_slots_is_the_mean_of_each_words_audio_frames(mosi, kt_model):
+    emb = A.audio_embeddings(kt_model, mosi, "test", batch_size=16)
+    truth = mosi.truth["test"]
+    i = int(np.argmax(mosi["test"].lengths("l")))
+    n_l, n_a = int(mosi["test"].lengths("l")[i]), int(mosi["test"].lengths("a")[i])
+    t_l, t_a = mosi.layout.seq_lens["l"], mosi.layout.seq_lens["a"]
+    frames = truth["audio_affect_shared"][i, t_a - n_a:]  # (n_a, 2) real audio frames, in order
+    word = ((2 * np.arange(n_a) + 1) * n_l) // (2 * n_a)  # the word whose span holds each frame's centre
+    for w in range(n_l):
+        if (word == w).any():
+            np.testing.assert_allclose(emb.truth["shared"][i, t_l - n_l + w], frames[word == w].mean(0), atol=1e-5)
 
 
 def test_reconstruction_is_the_same_whatever_the_audio_holds(mosi, kt_model):
@@ -101,7 +118,32 @@ def test_reconstruction_is_the_same_whatever_the_audio_holds(mosi, kt_model):
         _, b = kt_model(dict(batch, a=torch.full_like(batch["a"], float("nan"))), return_details=True)
     for name in A.RECONSTRUCTIONS:
         assert torch.equal(a[name], b[name])
-    assert not torch.equal(kt_model.audio_target(batch), kt_model.audio_target(dict(batch, a=batch["a"] + 1.0)))
+    target = kt_model.audio_target(batch)[0]
+    assert not torch.equal(target, kt_model.audio_target(dict(batch, a=batch["a"] + 1.0))[0])
+
+
+def test_ridge_r2_recovers_a_linear_signal_and_not_noise():
+    rng = np.random.default_rng(0)
+    x = {s: rng.standard_normal((400, 5)) for s in ("train", "valid", "test")}
+    w = np.array([[1.0], [-2.0], [0.0], [0.5], [0.0]])
+    signal = {s: x[s] @ w + 0.1 * rng.standard_normal((400, 1)) for s in x}
+    noise = {s: rng.standard_normal((400, 1)) for s in x}
+    assert A.ridge_r2(x, signal)[0] > 0.99
+    assert A.ridge_r2(x, noise)[0] < 0.02  # held out: nothing to find
+
+
+def test_reconstruction_r2_rows_and_the_probe_of_the_target_itself(mosi, kt_model):
+    embs = {s: A.audio_embeddings(kt_model, mosi, s) for s in ("train", "valid", "test")}
+    table = A.reconstruction_r2(embs, mosi)
+    assert set(table["truth"]) == set(A.TRUTH)  # audio_shared = 0.8: every part is present
+    names = set(table["representation"])
+    assert {"raw language + vision (ceiling)", "f'_A vs another utterance (shuffled)", A.NAMES["f_a"]} <= names
+    assert np.isfinite(table["R2"]).all() and (table["R2"] <= 1).all()
+    real = A.audio_embeddings(KTModel(ModelConfig.for_layout(mosi.layout, setting="kt", d=8, heads=2, layers=1,
+                                                              kt_layers=1)), mosi)
+    real.truth = None
+    with pytest.raises(ValueError, match="ground truth is only known for simulated data"):
+        A.reconstruction_r2({"train": real, "valid": real, "test": real}, mosi)
 
 
 def test_only_a_kt_model_has_reconstructions(mosi):

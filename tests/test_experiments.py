@@ -112,13 +112,14 @@ def test_ablation_claims_pair_variants_by_seed():
     assert table.loc["all target branches beat target=audio alone", "verdict"] == "not run"
 
 
-def test_linear_probe_finds_more_of_the_audio_when_it_is_more_predictable(sim_cache):
+def test_linear_probe_finds_more_of_the_audio_when_more_of_it_is_shared(sim_cache):
     r2 = {}
-    for rho in (0.0, 1.0):
-        data = load_simulated(preset("mosi", "aligned", scale=0.3, audio_predictability=rho), cache_dir=sim_cache)
+    for kappa in (0.0, 1.0):
+        data = load_simulated(preset("mosi", "aligned", scale=0.3, audio_shared=kappa, nuisance_shared=kappa),
+                              cache_dir=sim_cache)
         probes = linear_probes(data).set_index("probe")["value"]
-        r2[rho] = probes["audio from language+vision"]
-        assert probes["sentiment from language"] > probes["sentiment from audio"]  # the simulator's ordering
+        r2[kappa] = probes["audio from language+vision"]
+        assert probes["sentiment from audio"] > probes["sentiment from vision"]  # the simulator's ordering
     assert r2[1.0] > r2[0.0] + 0.15
 
 
@@ -206,3 +207,84 @@ def test_real_fixture_runs_are_named_with_their_caveat_and_no_paper_row(tmp_path
     out = capsys.readouterr().out
     assert "mosi_utterance is a real-data fixture, not the corpus" in out and "no paper numbers beside it" in out
     assert R.data_label("mosi_utterance", False) == fixture["data"] and R.data_label("mosi_aligned", False) == "real"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# When reconstruction helps: verdicts over cells, and the story's predictions beside their outcomes
+
+
+def _cells(values: dict[tuple[str, str, str], list[float]]) -> pd.DataFrame:
+    """A tidy table of transfer_runs' shape from {(cell, method, metric): per-seed test values}."""
+    rows = []
+    for (cell, method, metric), per_seed in values.items():
+        for seed, v in enumerate(per_seed, start=1):
+            setting = "kt" if method.startswith("kt ") else method
+            rows.append({"cell": cell, "method": method, "setting": setting, "seed": seed, "split": "test",
+                         "metric": metric, "value": v, "run": f"{cell}-{method}-{seed}"})
+    return pd.DataFrame(rows)
+
+
+def _story(kt_mae, kt_corr, placebo_mae, placebo_corr, cell="labels_bottleneck"):
+    base = {(cell, "language_vision", "mae"): [1.00, 1.02, 0.98], (cell, "language_vision", "corr"): [0.5, 0.5, 0.5],
+            (cell, "full", "mae"): [0.80, 0.81, 0.79], (cell, "full", "corr"): [0.7, 0.71, 0.69],
+            (cell, "kt target=full", "mae"): kt_mae, (cell, "kt target=full", "corr"): kt_corr,
+            (cell, "kt target=placebo", "mae"): placebo_mae, (cell, "kt target=placebo", "corr"): placebo_corr}
+    return _cells(base)
+
+
+def test_transfer_is_shown_only_against_both_language_vision_and_the_placebo():
+    # kt better than language+vision on every seed, by 0.10 MAE and 0.1 Corr; the placebo as good as kt
+    tidy = _story([0.90, 0.91, 0.89], [0.6, 0.61, 0.59], [0.90, 0.92, 0.88], [0.6, 0.6, 0.6])
+    row = X.transfer_verdicts(tidy).set_index("method").loc["kt target=full"]
+    assert row["mae vs language+vision"].startswith("+0.100 [") and row["mae vs language+vision"].endswith("3/3")
+    assert row["transfer"] == "not shown"  # a gain the placebo gives too is regularisation
+    assert row["full not worse"]
+    # now the placebo does no better than language+vision
+    tidy = _story([0.90, 0.91, 0.89], [0.6, 0.61, 0.59], [1.00, 1.03, 0.99], [0.5, 0.49, 0.5])
+    verdicts = X.transfer_verdicts(tidy).set_index("method")
+    assert verdicts.loc["kt target=full", "transfer"] == "shown"
+    assert verdicts.loc["kt target=placebo", "transfer"] == "not shown"
+
+
+def test_transfer_is_not_claimed_where_full_is_worse_than_kt():
+    tidy = _story([0.60, 0.61, 0.59], [0.9, 0.91, 0.89], [1.00, 1.03, 0.99], [0.5, 0.49, 0.5])
+    row = X.transfer_verdicts(tidy).set_index("method").loc["kt target=full"]
+    assert not row["full not worse"] and row["transfer"] == "not shown"
+
+
+def test_story_outcomes_set_each_prediction_beside_what_was_measured():
+    shown = _story([0.90, 0.91, 0.89], [0.6, 0.61, 0.59], [1.00, 1.03, 0.99], [0.5, 0.49, 0.5])
+    zero = _story([1.00, 1.02, 0.99], [0.5, 0.5, 0.51], [1.01, 1.01, 0.98], [0.5, 0.51, 0.5],
+                  cell="labels_bottleneck, audio_shared=0")
+    big = _story([0.95, 0.96, 0.94], [0.55, 0.56, 0.54], [1.00, 1.03, 0.99], [0.5, 0.49, 0.5],
+                 cell="labels_bottleneck, train_scale=1")
+    outcomes = X.story_outcomes(pd.concat([shown, zero, big], ignore_index=True))
+    by = outcomes.groupby("prediction")["agrees"].apply(list).to_dict()
+    assert by["P1"] == [True]  # no gain over the placebo where nothing is shared
+    assert by["P2"] == [True]  # the bottleneck cell shows transfer
+    assert by["P3"] == [True, True]  # MAE and Corr gains shrink from 0.25 to 1 times the training set
+    assert by["P4"] == [True, True, True]  # full is not worse than kt anywhere
+    p3 = outcomes[outcomes["prediction"] == "P3"].iloc[0]["observed"]
+    assert p3.startswith("mae gain vs language+vision by train_scale: 0.25: +0.100") and "1: +0.050" in p3
+
+
+def test_transfer_cells_and_their_parameters():
+    cells = X.transfer_cells()
+    assert list(cells) == ["labels_bottleneck", "default", "labels_bottleneck, audio_shared=0",
+                           "labels_bottleneck, train_scale=1"]
+    main = cells["labels_bottleneck"]
+    assert set(main.variants) == {"target=random", "target=random +f'A", "target=placebo", "target=placebo +f'A",
+                                  "target=full", "target=full +f'A", "target=audio_only",
+                                  "target=audio_only +f'A", "target=full lambda=0"}
+    assert main.variants["target=placebo"] == {"kt_target": "run", "kt_target_shuffle": True}
+    assert main.baselines["language_vision (matched)"] == ("language_vision", X.MATCHED_LV)
+    assert cells["labels_bottleneck, audio_shared=0"].knobs == {"audio_shared": 0.0}
+    seeds, few = X.transfer_params(3, "full,placebo", False, "labels_bottleneck", "")
+    assert seeds == [1, 2, 3] and list(few) == ["labels_bottleneck"]
+    with pytest.raises(ValueError, match=r"transfer_seeds=1: an integer from 2 to 20.*\n.*controls='bogus'"):
+        X.transfer_params(1, "full", False, "labels_bottleneck", "bogus")
+
+
+def test_equal_steps_keeps_the_number_of_optimisation_steps():
+    assert X.equal_steps("quick", 0.25) == {"epochs": 32} and X.equal_steps("quick", 1.0) == {}
+    assert X.equal_steps("quick", 2.0) == {"epochs": 4}

@@ -15,8 +15,8 @@ FIGURES = {
     "01_data.ipynb": ["01-labels", "01-sample-streams"],
     "02_model.ipynb": ["02-positions", "02-attention", "02-parameters"],
     "03_training.ipynb": ["03-learning-curves", "03-results", "03-predictions"],
-    "04_ablations.ipynb": ["04-consistency-loss", "04-targets", "04-lambda", "04-predictability", "04-probes"],
-    "05_reconstruction.ipynb": ["05-pca", "05-umap", "05-cosine", "05-mse",
+    "04_ablations.ipynb": ["04-consistency-loss", "04-targets", "04-lambda", "04-transfer-intervals", "04-probes"],
+    "05_reconstruction.ipynb": ["05-r2-sweep", "05-knob", "05-pca", "05-umap", "05-cosine", "05-mse",
                                 "05-per-dim-corr", "05-cka", "05-sample-over-time"],
     "06_results.ipynb": ["06-paired", "06-claims"],
     "07_robustness.ipynb": ["07-fixed", "07-modality-test", "07-frame-test", "07-modality-train_test"],
@@ -119,8 +119,20 @@ def test_ablation_and_analysis_tables_are_complete_and_finite(executed):
                            ("04-lambda", {"lambda=0", "lambda=1"})):
         table = pd.read_csv(tables / f"{name}.csv")
         assert set(table["variant"]) == variants and np.isfinite(table["mean"]).all()
-    sweep = pd.read_csv(tables / "04-predictability.csv")
-    assert set(sweep["setting"]) == {"language_vision", "kt"} and sweep["variant"].nunique() == 3
+    verdicts = pd.read_csv(tables / "04-transfer-verdicts.csv")
+    assert set(verdicts["method"]) == {"kt target=random", "kt target=placebo", "kt target=full"}
+    assert set(verdicts["cell"]) == {"labels_bottleneck", "labels_bottleneck, audio_shared=0",
+                                     "labels_bottleneck, train_scale=1"}
+    assert set(verdicts["transfer"]) <= {"shown", "not shown"}
+    intervals = pd.read_csv(tables / "04-transfer-intervals.csv")
+    assert set(intervals["verdict"]) <= {"supported", "opposite", "undecided"}
+    assert (intervals["signs"].str[-2:] == "/2").all()  # two seeds paired
+    outcomes = pd.read_csv(tables / "04-predictions.csv")
+    assert {"P1", "P2", "P3", "P4"} <= set(outcomes["prediction"])
+    r2 = pd.read_csv(tables / "05-r2.csv")
+    assert {"label-relevant", "shared", "private", "nuisance"} == set(r2["truth"]) and np.isfinite(r2["R2"]).all()
+    sweep = pd.read_csv(tables / "05-r2-sweep.csv")
+    assert set(sweep["audio_shared"]) == {0.0, 0.8} and "private" not in set(sweep[sweep["audio_shared"] == 1]["truth"])
     recon = pd.read_csv(tables / "05-reconstruction.csv")
     assert len(recon) == 3 and np.isfinite(recon.drop(columns=["reconstruction", "data"]).to_numpy(dtype=float)).all()
     for table in tables.glob("*.csv"):  # every table says which data it comes from
@@ -133,7 +145,9 @@ def test_ablation_and_analysis_tables_are_complete_and_finite(executed):
 def test_later_notebooks_read_runs_back_instead_of_training_again(executed):
     added = executed["added"]
     assert len(added["03_training.ipynb"]) == 15  # five settings x three seeds
-    assert not added["05_reconstruction.ipynb"], "notebook 5 retrained a run of notebook 3"
+    # notebook 5 trains only the audio_shared=0 runs of its sweep (language+vision, full, kt); 0.8 is notebook 3's
+    new = added["05_reconstruction.ipynb"]
+    assert len(new) == 3 and {r.split("-")[1] for r in new} == {"language_vision", "full", "kt"}
     assert not added["06_results.ipynb"], "notebook 6 retrained runs of notebooks 3 and 4"
     # kt_any and the student for 2 seeds at test only, then 3 methods x 2 seeds at rate 1 in training; the MulT
     # runs at rate 0 (also the teachers) are notebook 3's

@@ -192,7 +192,7 @@ def distilled(mosi, tmp_path_factory):
         job.train = replace(job.train, device="cpu")
     teacher_job, student_job = jobs
     student_job.train = replace(student_job.train, teacher=run_id(teacher_job.model, teacher_job.train, mosi))
-    with pytest.raises(FileNotFoundError, match="teacher run"):
+    with pytest.raises(FileNotFoundError, match=r"\(teacher\) is not finished"):
         load_or_train(student_job.model, student_job.train, mosi, store, progress=False)
     teacher = load_or_train(teacher_job.model, teacher_job.train, mosi, store, progress=False)
     student = load_or_train(student_job.model, student_job.train, mosi, store, progress=False)

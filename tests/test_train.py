@@ -2,6 +2,7 @@
 checkpoints are refused, and the command line trains and prints tables."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -192,9 +193,10 @@ def test_grid_trains_each_run_once_in_worker_processes_and_reads_it_back(mosi, t
     variants = {"L2": {}, "same as L2": {}, "L1": {"consistency": "l1"}}
     tidy = grid(mosi, ["kt"], [1], "smoke", variants=variants, runs_dir=tmp_path, progress=False, workers=2)
     folders = sorted(tmp_path.iterdir())
-    assert len(folders) == 2  # two labels with the same configuration share one run
+    # two labels with the same configuration share one run; both kt runs take their target from one full run
+    assert len(folders) == 3 and sum("-full-" in f.name for f in folders) == 1
     assert all((f / "metrics.json").is_file() and (f / "model.pt").is_file() for f in folders)
-    assert set(tidy["variant"]) == set(variants)
+    assert set(tidy["variant"]) == set(variants) and set(tidy["setting"]) == {"kt"}
     stamps = {f: (f / "metrics.json").stat().st_mtime_ns for f in folders}
     again = grid(mosi, ["kt"], [1], "smoke", variants=variants, runs_dir=tmp_path, progress=False, workers=1)
     assert {f: (f / "metrics.json").stat().st_mtime_ns for f in folders} == stamps  # read back, not retrained
@@ -234,7 +236,8 @@ def test_cli_train_prints_metrics_and_reuses_the_run(tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     assert "[synthetic (simulator)]" in out and "mae" in out and "acc2_non0" in out
     assert main(args) == 0  # second time: loaded from the store
-    assert len(list((tmp_path / "runs").iterdir())) == 1
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and "-full-" in runs[0] and "-kt-" in runs[1]  # kt's target comes from the full run
     assert main(["table", "--runs-dir", str(tmp_path / "runs")]) == 0
     table = capsys.readouterr().out
     assert "MAE (paper)" in table and "kt" in table
@@ -269,3 +272,38 @@ def test_the_utterance_level_file_has_no_simulated_twin():
 
     with pytest.raises(ValueError, match="real file only"):
         get_data("mosi_utterance", source="simulated")
+
+
+def test_kt_reads_its_target_from_the_full_run_of_the_same_seed(mosi, tmp_path):
+    from ktlib.runs import plan, run_jobs
+
+    jobs = plan(mosi, ["kt"], [1], "smoke")
+    (source,) = jobs[0].needs
+    assert source.model.setting == "full" and source.train.seed == 1
+    assert jobs[0].train.target_run == run_id(source.model, source.train, mosi)
+    assert plan(mosi, ["full"], [1], "smoke")[0].model == source.model  # the grid's own full run
+    run_jobs(jobs, runs_dir=tmp_path, progress=False, workers=1)
+    full = Run.load(tmp_path / jobs[0].train.target_run).load_model()
+    kt = Run.load(tmp_path / run_id(jobs[0].model, jobs[0].train, mosi)).load_model()
+    assert torch.equal(kt.proj["a"].conv.weight, full.proj["a"].conv.weight)  # the fixed target, as trained
+    with pytest.raises(ValueError, match=r"kt_target='run'.*needs both train_cfg.target_run"):
+        fit(jobs[0].model, replace(jobs[0].train, target_run=""), mosi, progress=False)
+
+
+def test_audio_only_trains_on_the_audio_and_language_vision_never_reads_it(mosi, monkeypatch):
+    seen = {}
+    import ktlib.train as T
+
+    real_loader = T.make_loader
+
+    def spy(data, split, batch_size, **kwargs):
+        loader = real_loader(data, split, batch_size, **kwargs)
+        if split == "train":
+            seen[split] = next(iter(loader))["present"][:, 1]
+        return loader
+
+    monkeypatch.setattr(T, "make_loader", spy)
+    fit(*_configs(mosi, "audio_only", epochs=1), mosi, progress=False)
+    assert seen["train"].all()
+    fit(*_configs(mosi, "language_vision", epochs=1), mosi, progress=False)
+    assert not seen["train"].any()
