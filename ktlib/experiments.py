@@ -618,10 +618,11 @@ SHARED_VALUES = (0.0, 0.4, 0.8, 1.0)  # the simulator's audio_shared (0.8: its d
 
 
 def shared_runs(data: MultimodalData, seeds, profile_name: str, values=SHARED_VALUES, regime: str = "default",
-                workers: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """language+vision, full and kt (target: the full run) at each ``audio_shared``, in ``regime``: the tidy table
-    of :func:`transfer_runs` with an ``audio_shared`` column."""
-    lv_full = {"language_vision": ("language_vision", {}), "full": ("full", {})}
+                baselines=("language_vision", "full"), workers: int | None = None,
+                progress: bool = True) -> pd.DataFrame:
+    """``baselines`` and kt (target: the full run, trained in any case) at each ``audio_shared``, in ``regime``:
+    the tidy table of :func:`transfer_runs` with an ``audio_shared`` column."""
+    lv_full = {b: (b, {}) for b in baselines}
     cells = {f"audio_shared={v:g}": Cell(regime, {"audio_shared": float(v)}, lv_full,
                                          transfer_variants(("full",), ("",))) for v in values}
     tidy = transfer_runs(data, cells, seeds, profile_name, workers, progress)

@@ -208,40 +208,6 @@ def metric_bars(tidy, metrics, title: str, by: str = "setting", paper: dict | No
     return fig
 
 
-def knob_curve(tidy, knob: str, title: str, metric: str = "mae", methods=("language_vision", "kt target=full",
-                                                                          "full")):
-    """Left: each method's metric against a simulator knob (mean and seeds).  Right: kt's gain over
-    language+vision, seed by seed, with its mean (positive: the reconstruction helps).  Synthetic data."""
-    from .metrics import LOWER_IS_BETTER
-
-    test = tidy[(tidy["split"] == "test") & (tidy["metric"] == metric)]
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
-    palette = {"language_vision": SETTING_COLORS["language_vision"], "full": SETTING_COLORS["full"]}
-    for method in methods:
-        part = test[test["method"] == method]
-        if part.empty:
-            continue
-        color = palette.get(method, COLORS["a_hat"])
-        mean = part.groupby(knob)["value"].mean()
-        axes[0].plot(mean.index, mean.to_numpy(), "-o", color=color, label=method)
-        axes[0].scatter(part[knob], part["value"], s=10, color=color, alpha=0.5)
-    axes[0].set(xlabel=f"{knob} (simulator)", ylabel=METRIC_NAMES.get(metric, metric), title=metric)
-    axes[0].legend(fontsize=8)
-    wide = test.pivot_table(index=[knob, "seed"], columns="method", values="value")
-    kt = next((m for m in methods if m.startswith("kt")), None)
-    if kt in wide and "language_vision" in wide:
-        sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-        gain = (sign * (wide[kt] - wide["language_vision"])).reset_index(name="gain")
-        axes[1].axhline(0, color="black", lw=0.8)
-        axes[1].scatter(gain[knob], gain["gain"], color=COLORS["a_hat"], s=14)
-        g = gain.groupby(knob)["gain"].mean()
-        axes[1].plot(g.index, g.to_numpy(), "-o", color=COLORS["a_hat"])
-    axes[1].set(xlabel=f"{knob} (simulator)", ylabel=f"{kt} gain over language+vision", title="what it gives")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
 def interval_forest(table, title: str):
     """Paired gains with their 95 % intervals (``ktlib.experiments.paired_table``), one panel per metric: a row per
     cell and comparison, coloured by verdict; positive means the first method is better."""
