@@ -611,6 +611,12 @@ def story_outcomes(tidy: pd.DataFrame, method: str = "kt target=full", metrics=(
             continue
         add("P4", f"{cell}: full - kt " + "; ".join(f"{m} {_show(x)}" for m, x in zip(metrics, r, strict=True)),
             all(x is None or x["verdict"] != "opposite" for x in r))
+    if zero is not None and "labels_bottleneck" in cells:  # P4's second half: full's lead where nothing is shared
+        for m in metrics:
+            at_zero, at_main = (_gain(table, c, "full", method, m) for c in (zero, "labels_bottleneck"))
+            if at_zero is not None and at_main is not None:
+                add("P4", f"{m}: full's lead over kt at audio_shared=0 {at_zero['gain']:+.3f} vs "
+                          f"{at_main['gain']:+.3f} in labels_bottleneck", bool(at_zero["gain"] > at_main["gain"]))
     return pd.DataFrame(rows)
 
 

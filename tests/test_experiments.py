@@ -263,7 +263,8 @@ def test_story_outcomes_set_each_prediction_beside_what_was_measured():
     assert by["P1"] == [True]  # no gain over the placebo where nothing is shared
     assert by["P2"] == [True]  # the bottleneck cell shows transfer
     assert by["P3"] == [True, True]  # MAE and Corr gains shrink from 0.25 to 1 times the training set
-    assert by["P4"] == [True, True, True]  # full is not worse than kt anywhere
+    # full is not worse than kt anywhere, and its lead at audio_shared=0 (0.20 MAE) is larger than at 0.8 (0.10)
+    assert by["P4"] == [True, True, True, True, True]
     p3 = outcomes[outcomes["prediction"] == "P3"].iloc[0]["observed"]
     assert p3.startswith("mae gain vs language+vision by train_scale: 0.25: +0.100") and "1: +0.050" in p3
 
