@@ -535,8 +535,11 @@ def transfer_params(seeds: int, targets: str, supervise: bool, regimes: str, con
         return out
 
     target_list = names(targets, TRANSFER_TARGETS, "transfer_targets")
-    regime_list = names(regimes, REGIMES, "transfer_regimes")
+    regime_list = names(regimes, REGIMES, "transfer_regimes", empty_ok=True)
     control_list = names(controls, ("lambda=0", "matched", "audio_shared=0"), "controls", empty_ok=True)
+    if not regime_list and not any(c.startswith(("audio_shared", "train_scale")) for c in control_list):
+        problems.append("transfer_regimes and controls: nothing to run; name a regime or a control cell "
+                        "(audio_shared=0, train_scale=<x>)")
     for c in control_list:
         if c.startswith("train_scale="):
             try:

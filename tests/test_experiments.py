@@ -284,6 +284,10 @@ def test_transfer_cells_and_their_parameters():
     assert seeds == [1, 2, 3] and list(few) == ["labels_bottleneck"]
     with pytest.raises(ValueError, match=r"transfer_seeds=1: an integer from 2 to 20.*\n.*controls='bogus'"):
         X.transfer_params(1, "full", False, "labels_bottleneck", "bogus")
+    controls_only = X.transfer_params(3, "full,placebo", False, "", "audio_shared=0,train_scale=1")[1]
+    assert list(controls_only) == ["labels_bottleneck, audio_shared=0", "labels_bottleneck, train_scale=1"]
+    with pytest.raises(ValueError, match="nothing to run"):
+        X.transfer_params(3, "full", False, "", "lambda=0")
 
 
 def test_equal_steps_keeps_the_number_of_optimisation_steps():
