@@ -150,6 +150,7 @@ def cmd_transfer(args) -> int:
     import pandas as pd
 
     from . import experiments as X
+    from .stats import fmt_seeds
 
     if args.runs_dir:
         os.environ["KTLIB_RUNS_DIR"] = args.runs_dir  # worker processes read the store from the environment
@@ -169,7 +170,7 @@ def cmd_transfer(args) -> int:
     with pd.option_context("display.width", 250, "display.max_columns", 30, "display.max_colwidth", 300):
         test = tidy[(tidy["split"] == "test") & tidy["metric"].isin(["mae", "corr"])]
         print("\ntest split, mean ± std over seeds (sample std) [synthetic]")
-        print(test.groupby(["cell", "method", "metric"], sort=False)["value"].agg(X.fmt_seeds)
+        print(test.groupby(["cell", "method", "metric"], sort=False)["value"].agg(fmt_seeds)
               .unstack("metric").to_string())
         print("\ntransfer verdicts (paired by seed, 95 % t intervals, sign counts) [synthetic]")
         print(X.transfer_verdicts(tidy).to_string(index=False))

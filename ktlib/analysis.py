@@ -195,9 +195,6 @@ def frame_cka(emb: AudioEmbeddings, extra: dict[str, np.ndarray] | None = None) 
                         columns=names)
 
 
-cka_matrix = frame_cka  # the former name
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Reconstruction scored against the simulator's ground truth
 
@@ -205,18 +202,24 @@ cka_matrix = frame_cka  # the former name
 PENALTIES = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)  # ridge penalties tried on the validation split
 
 
-def ridge_r2(x: dict[str, np.ndarray], y: dict[str, np.ndarray], penalties=PENALTIES) -> tuple[float, float]:
-    """Held-out R^2 on ``test`` of a ridge regression x -> y (features standardised, intercept free), its penalty
-    chosen on ``valid`` and refitted on ``train``: ((test R^2 pooled over y's columns), penalty)."""
+def r2_score(truth: np.ndarray, pred: np.ndarray) -> float:
+    """R^2 pooled over the columns, centred on the truth's own mean (NaN for a constant truth)."""
+    total = ((truth - truth.mean(0)) ** 2).sum()
+    return float(1 - ((truth - pred) ** 2).sum() / total) if total > 0 else float("nan")
 
-    def r2(truth, pred):
-        resid = ((truth - pred) ** 2).sum()
-        total = ((truth - truth.mean(0)) ** 2).sum()
-        return float(1 - resid / total) if total > 0 else float("nan")
 
+def ridge_fit_chosen(x: dict[str, np.ndarray], y: dict[str, np.ndarray], penalties=PENALTIES):
+    """A ridge regression x -> y fitted on ``train`` (features standardised, intercept free), its penalty chosen by
+    R^2 on ``valid``: (the fit for :func:`_ridge_predict`, the penalty)."""
     fits = {a: _ridge_fit(x["train"], y["train"], a) for a in penalties}
-    best = max(penalties, key=lambda a: r2(y["valid"], _ridge_predict(*fits[a], x["valid"])))
-    return r2(y["test"], _ridge_predict(*fits[best], x["test"])), best
+    best = max(penalties, key=lambda a: r2_score(y["valid"], _ridge_predict(*fits[a], x["valid"])))
+    return fits[best], best
+
+
+def ridge_r2(x: dict[str, np.ndarray], y: dict[str, np.ndarray], penalties=PENALTIES) -> tuple[float, float]:
+    """Held-out R^2 on ``test`` of :func:`ridge_fit_chosen`: (test R^2 pooled over y's columns, penalty)."""
+    fit, best = ridge_fit_chosen(x, y, penalties)
+    return r2_score(y["test"], _ridge_predict(*fit, x["test"])), best
 
 
 def raw_frames(data: MultimodalData, split: str, emb: AudioEmbeddings) -> np.ndarray:
@@ -252,20 +255,17 @@ def reconstruction_r2(embeddings: dict[str, AudioEmbeddings], data: MultimodalDa
         y = {s: embeddings[s].stacked(part).astype(np.float64) for s in splits}
         if not np.abs(y["train"]).any():  # this part is zero in this simulation (e.g. private at audio_shared=1)
             continue
+        fits = {}
         for name, x in sources.items():
-            value, penalty = ridge_r2(x, y)
-            rows.append({"truth": part, "representation": name, "R2": value, "penalty": penalty})
+            fits[name], penalty = ridge_fit_chosen(x, y)
+            rows.append({"truth": part, "representation": name, "penalty": penalty,
+                         "R2": r2_score(y["test"], _ridge_predict(*fits[name], x["test"]))})
         # shuffled baseline: the same probe of f'_A, scored against another utterance's truth (frames by slot)
         test = embeddings["test"]
         both = test.real & test.real[perm]
-        x = sources[NAMES["f_a_hat"]]
-        fit = _ridge_fit(x["train"], y["train"], ridge_r2(x, y)[1])
-        pred = _ridge_predict(*fit, test.frames["f_a_hat"][both])
-        truth = test.truth[part][perm][both].astype(np.float64)
-        total = ((truth - truth.mean(0)) ** 2).sum()
-        rows.append({"truth": part, "representation": "f'_A vs another utterance (shuffled)",
-                     "R2": float(1 - ((truth - pred) ** 2).sum() / total) if total > 0 else float("nan"),
-                     "penalty": np.nan})
+        pred = _ridge_predict(*fits[NAMES["f_a_hat"]], test.frames["f_a_hat"][both])
+        rows.append({"truth": part, "representation": "f'_A vs another utterance (shuffled)", "penalty": np.nan,
+                     "R2": r2_score(test.truth[part][perm][both].astype(np.float64), pred)})
     return pd.DataFrame(rows)
 
 

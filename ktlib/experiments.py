@@ -46,7 +46,7 @@ from .runs import (
     run_jobs,
     train_missing,
 )
-from .stats import fmt_seeds, paired, seed_table  # noqa: F401 - fmt_seeds is re-exported for notebooks
+from .stats import paired, seed_table
 
 # Ablation families: label -> ModelConfig overrides of the kt model.  The default kt model is in each family.
 CONSISTENCY = {"L2": {}, "L1": {"consistency": "l1"}}  # Table V
@@ -448,14 +448,23 @@ def paired_table(tidy: pd.DataFrame, pairs, metrics=("mae", "corr"), split: str 
     return pd.DataFrame(rows)
 
 
+def _placebo_of(method: str) -> str:
+    """The placebo with the same supervision as a kt method ("kt target=full +f'A" -> "kt target=placebo +f'A"),
+    or "" where there is none (the placebo itself, other variants such as lambda=0)."""
+    for supervision in SUPERVISION:
+        for target in TRANSFER_TARGETS:
+            if target != "placebo" and method == f"kt target={target}{supervision}":
+                return f"kt target=placebo{supervision}"
+    return ""
+
+
 def transfer_verdicts(tidy: pd.DataFrame, metrics=("mae", "corr")) -> pd.DataFrame:
     """Per cell and kt variant: transfer is claimed only where kt beats language+vision *and* its placebo (the
     same supervision with a shuffled target) with the 95 % interval excluding zero on every metric, and full is
     not worse than kt (its interval does not lie below zero)."""
     kt_methods = [m for m in tidy["method"].unique() if m.startswith("kt ")]
     pairs = [(m, "language_vision") for m in kt_methods]
-    pairs += [(m, m.replace(m.split()[1].split("+")[0].strip(), "target=placebo"))
-              for m in kt_methods if "placebo" not in m]
+    pairs += [(m, _placebo_of(m)) for m in kt_methods if _placebo_of(m)]
     pairs += [("full", m) for m in kt_methods]
     table = paired_table(tidy, pairs, metrics)
     rows = []
