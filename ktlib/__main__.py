@@ -154,8 +154,8 @@ def cmd_transfer(args) -> int:
 
     if args.runs_dir:
         os.environ["KTLIB_RUNS_DIR"] = args.runs_dir  # worker processes read the store from the environment
-    cells = X.transfer_params(max(2, len(args.seeds)), args.targets, args.supervise, args.regimes,
-                              args.controls)[1]
+    cells = X.transfer_params(max(2, len(args.seeds)), args.targets, args.supervision, args.regimes,
+                              args.controls, args.control_regime)[1]
     if len(args.seeds) < 2:
         raise SystemExit("transfer: give at least two --seeds (a paired interval needs two)")
     data = _load(args)
@@ -297,12 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick", help="profile (default quick)")
     p.add_argument("--scale", type=float, default=None, help="simulator scale (default: the profile's)")
     p.add_argument("--data-seed", type=int, default=0, help="simulator seed (default 0)")
-    p.add_argument("--targets", default="random,placebo,full,audio_only",
-                   help="kt's consistency targets, comma-separated (default all four)")
-    p.add_argument("--supervise", action="store_true", help="also every target with f'_A supervised")
-    p.add_argument("--regimes", default="labels_bottleneck,default", help="main cells (simulator regimes)")
-    p.add_argument("--controls", default="lambda=0,matched,audio_shared=0,train_scale=1",
-                   help="controls at the labels-bottleneck regime (empty for none)")
+    p.add_argument("--targets", default="random,placebo,full,audio_only,audio_memory,placebo_memory",
+                   help="kt's consistency targets, comma-separated (default all six)")
+    p.add_argument("--supervision", choices=("without", "with", "both"), default="both",
+                   help="each target without, with, or both without and with f'_A supervised (default both)")
+    p.add_argument("--regimes", default="default,labels_bottleneck", help="main cells (simulator regimes)")
+    p.add_argument("--controls", default="lambda=0,matched,audio_shared=0,train_scale=0.5",
+                   help="controls, with the main kt variant (empty for none)")
+    p.add_argument("--control-regime", default="default", help="the regime the controls vary (default: default)")
     p.add_argument("--workers", type=int, default=0, help="training processes (0: automatic)")
     p.add_argument("--runs-dir", default=None, help="run store (default runs/, or $KTLIB_RUNS_DIR)")
     p.add_argument("--out", default=None, help="also write the tidy table of every run to this CSV file")

@@ -363,8 +363,14 @@ TRANSFER_TARGETS = {
     "placebo": {"kt_target": "run", "kt_target_shuffle": True},  # the full run's projection of another sample
     "full": {"kt_target": "run"},  # the full run's audio projection (the workbook's default)
     "audio_only": {"kt_target": "run", "target_from": "audio_only"},  # an audio-only run's projection
+    "audio_memory": {"kt_target": "run_memory", "target_from": "audio_only"},  # its memory's output over the audio
+    "placebo_memory": {"kt_target": "run_memory", "target_from": "audio_only", "kt_target_shuffle": True},
 }
+PLACEBOS = {"audio_memory": "placebo_memory"}  # a target's placebo where it is not "placebo" (full, shuffled)
 SUPERVISION = {"": {}, " +f'A": {"kt_hat_weight": 1.0}}  # delta's output f'_A supervised too (beyond eq. 6)
+SUPERVISION_CHOICES = {"without": ("",), "with": (" +f'A",), "both": ("", " +f'A")}  # notebook 4's `supervision`
+MAIN_TARGET, MAIN_SUPERVISION = "audio_memory", " +f'A"  # the kt variant the controls and the story test
+MAIN_METHOD = f"kt target={MAIN_TARGET}{MAIN_SUPERVISION}"
 MATCHED_LV = {"d": 32, "layers": 2}  # language+vision with about kt's parameter count (quick: 96k vs 101k)
 
 
@@ -448,13 +454,13 @@ def paired_table(tidy: pd.DataFrame, pairs, metrics=("mae", "corr"), split: str 
     return pd.DataFrame(rows)
 
 
-def _placebo_of(method: str) -> str:
+def placebo_of(method: str) -> str:
     """The placebo with the same supervision as a kt method ("kt target=full +f'A" -> "kt target=placebo +f'A"),
     or "" where there is none (the placebo itself, other variants such as lambda=0)."""
     for supervision in SUPERVISION:
         for target in TRANSFER_TARGETS:
-            if target != "placebo" and method == f"kt target={target}{supervision}":
-                return f"kt target=placebo{supervision}"
+            if not target.startswith("placebo") and method == f"kt target={target}{supervision}":
+                return f"kt target={PLACEBOS.get(target, 'placebo')}{supervision}"
     return ""
 
 
@@ -464,7 +470,7 @@ def transfer_verdicts(tidy: pd.DataFrame, metrics=("mae", "corr")) -> pd.DataFra
     not worse than kt (its interval does not lie below zero)."""
     kt_methods = [m for m in tidy["method"].unique() if m.startswith("kt ")]
     pairs = [(m, "language_vision") for m in kt_methods]
-    pairs += [(m, _placebo_of(m)) for m in kt_methods if _placebo_of(m)]
+    pairs += [(m, placebo_of(m)) for m in kt_methods if placebo_of(m)]
     pairs += [("full", m) for m in kt_methods]
     table = paired_table(tidy, pairs, metrics)
     rows = []
@@ -485,50 +491,52 @@ def transfer_verdicts(tidy: pd.DataFrame, metrics=("mae", "corr")) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-CONTROLS = ("lambda=0", "matched", "audio_shared=0", "train_scale=1")  # the controls of notebook 4
+CONTROLS = ("lambda=0", "matched", "audio_shared=0", "train_scale=0.5")  # the controls of notebook 4
+CONTROL_CELLS = ("audio_shared=0", "train_scale=")  # controls that are cells of their own (the others join a regime)
 
 
 def transfer_cells(targets=tuple(TRANSFER_TARGETS), supervision=tuple(SUPERVISION),
-                   regimes=("labels_bottleneck", "default"), controls=CONTROLS) -> dict[str, Cell]:
+                   regimes=("labels_bottleneck", "default"), controls=CONTROLS,
+                   control_regime: str = "default") -> dict[str, Cell]:
     """The comparison of the workbook's story (module :mod:`ktlib.simulate`), as cells.
 
     Main (one cell per regime): language+vision and full (and audio_only where it gives a target) against kt with
-    each target, with and without supervising f'_A.  Controls, each at the labels-bottleneck regime: ``lambda=0``
-    (kt with the full target and no consistency loss), ``matched`` (language+vision with about kt's parameter
-    count), ``audio_shared=0`` (nothing of the audio's affect is shared: kt with the full target and its placebo)
-    and ``train_scale=<x>`` (the bottleneck's noisy labels on x times the published training split, with the same
-    number of optimisation steps: the gain should shrink as x grows).
+    each target, with (`` +f'A``) and without supervising f'_A.  Controls, in ``control_regime``, each with the
+    main kt variant (:data:`MAIN_METHOD`): ``lambda=0`` (no consistency loss at all), ``matched``
+    (language+vision with about kt's parameter count), ``audio_shared=0`` (nothing of the audio's affect is
+    shared: the main variant and its placebo) and ``train_scale=<x>`` (x times the regime's training split, with
+    the same number of optimisation steps: the gain should shrink as x grows).
     """
-    known = ("lambda=0", "matched", "audio_shared=0")
-    bad = [c for c in controls if c not in known and not c.startswith("train_scale=")]
+    bad = [c for c in controls if c not in ("lambda=0", "matched") and not c.startswith(CONTROL_CELLS)]
     if bad:
-        raise ValueError(f"unknown control(s) {bad}: choose among {known} and train_scale=<x>")
+        raise ValueError(f"unknown control(s) {bad}: choose among lambda=0, matched, audio_shared=0 and "
+                         "train_scale=<x>")
     lv_full = {"language_vision": ("language_vision", {}), "full": ("full", {})}
+    main = transfer_variants((MAIN_TARGET, PLACEBOS[MAIN_TARGET]), (MAIN_SUPERVISION,))
+    joins = [c for c in controls if c in ("lambda=0", "matched")]
     cells = {}
-    for regime in regimes:
+    for regime in dict.fromkeys([*regimes, *([control_regime] if joins else [])]):
         baselines = dict(lv_full)
-        if "audio_only" in targets:
+        variants = transfer_variants(targets, supervision) if regime in regimes else {}
+        if "matched" in joins and regime == control_regime:
+            baselines["language_vision (matched)"] = ("language_vision", MATCHED_LV)
+        if "lambda=0" in joins and regime == control_regime:
+            variants[f"target={MAIN_TARGET}{MAIN_SUPERVISION} lambda=0"] = {
+                **main[f"target={MAIN_TARGET}{MAIN_SUPERVISION}"], "lambda1": 0.0, "lambda2": 0.0, "kt_hat_weight": 0.0}
+        if any(TRANSFER_TARGETS[t].get("target_from") == "audio_only" for t in targets) and regime in regimes:
             baselines["audio_only"] = ("audio_only", {})
-        variants = transfer_variants(targets, supervision)
-        if regime == "labels_bottleneck":
-            if "matched" in controls:
-                baselines["language_vision (matched)"] = ("language_vision", MATCHED_LV)
-            if "lambda=0" in controls:
-                variants["target=full lambda=0"] = {**TRANSFER_TARGETS["full"], "lambda1": 0.0, "lambda2": 0.0}
         cells[regime] = Cell(regime, baselines=baselines, variants=variants)
-    few = transfer_variants(("full", "placebo"), ("",))
     for control in controls:
-        if control == "audio_shared=0":
-            cells["labels_bottleneck, audio_shared=0"] = Cell("labels_bottleneck", {"audio_shared": 0.0}, lv_full, few)
-        elif control.startswith("train_scale="):
-            size = float(control.split("=")[1])
-            cells[f"labels_bottleneck, {control}"] = Cell("labels_bottleneck", {"train_scale": size}, lv_full, few)
+        if control.startswith(CONTROL_CELLS):
+            knob, value = control.split("=")
+            cells[f"{control_regime}, {control}"] = Cell(control_regime, {knob: float(value)}, lv_full, main)
     return cells
 
 
-def transfer_params(seeds: int, targets: str, supervise: bool, regimes: str, controls: str):
+def transfer_params(seeds: int, targets: str, supervision: str, regimes: str, controls: str,
+                    control_regime: str = "default"):
     """Check notebook 4's parameters of part 4; returns (seed list, cells).  ``targets``, ``regimes`` and
-    ``controls`` are comma-separated (controls may be empty)."""
+    ``controls`` are comma-separated (controls may be empty); ``supervision`` is without, with or both."""
     from .simulate import REGIMES
 
     problems = []
@@ -546,9 +554,8 @@ def transfer_params(seeds: int, targets: str, supervise: bool, regimes: str, con
     target_list = names(targets, TRANSFER_TARGETS, "transfer_targets")
     regime_list = names(regimes, REGIMES, "transfer_regimes", empty_ok=True)
     control_list = names(controls, ("lambda=0", "matched", "audio_shared=0"), "controls", empty_ok=True)
-    if not regime_list and not any(c.startswith(("audio_shared", "train_scale")) for c in control_list):
-        problems.append("transfer_regimes and controls: nothing to run; name a regime or a control cell "
-                        "(audio_shared=0, train_scale=<x>)")
+    if not regime_list and not control_list:
+        problems.append("transfer_regimes and controls: nothing to run; name a regime or a control")
     for c in control_list:
         if c.startswith("train_scale="):
             try:
@@ -557,15 +564,19 @@ def transfer_params(seeds: int, targets: str, supervise: bool, regimes: str, con
                 ok = False
             if not ok:
                 problems.append(f"controls: {c!r} needs a number in (0, 20], e.g. train_scale=1")
-    if not isinstance(supervise, bool):
-        problems.append(f"supervise={supervise!r}: True or False")
+    if supervision not in SUPERVISION_CHOICES:
+        problems.append(f"supervision={supervision!r}: one of {tuple(SUPERVISION_CHOICES)}")
+    if control_regime not in REGIMES:
+        problems.append(f"control_regime={control_regime!r}: one of {tuple(REGIMES)}")
     if problems:
         raise ValueError("notebook parameters out of range:\n  - " + "\n  - ".join(problems))
-    supervision = tuple(SUPERVISION) if supervise else ("",)
-    return list(range(1, seeds + 1)), transfer_cells(target_list, supervision, regime_list, control_list)
+    cells = transfer_cells(target_list, SUPERVISION_CHOICES[supervision], regime_list, control_list, control_regime)
+    return list(range(1, seeds + 1)), cells
 
 
 def _gain(table: pd.DataFrame, cell: str, a: str, b: str, metric: str):
+    if table.empty:  # none of the pairs was run
+        return None
     hit = table[(table["cell"] == cell) & (table["method"] == a) & (table["versus"] == b)
                 & (table["metric"] == metric)]
     return None if hit.empty else hit.iloc[0]
@@ -577,16 +588,21 @@ def _show(row) -> str:
     return f"{row['gain']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}] ({row['verdict']})"
 
 
-def story_outcomes(tidy: pd.DataFrame, method: str = "kt target=full", metrics=("mae", "corr")) -> pd.DataFrame:
+def story_outcomes(tidy: pd.DataFrame, method: str | None = None, metrics=("mae", "corr")) -> pd.DataFrame:
     """Each prediction of the simulator's story (:data:`ktlib.simulate.PREDICTIONS`) beside what the runs of
-    :func:`transfer_cells` show: paired gains (positive: the first method is better) with their 95 % intervals.
+    :func:`transfer_cells` show for one kt ``method`` (default: :data:`MAIN_METHOD`, or ``"kt target=full"``
+    where only that was run) against its placebo: paired gains (positive: the first method is better)
+    with their 95 % intervals.
 
     ``agrees`` is True, False, or None where the cells it needs were not run.  P1's reconstruction half is
     checked in notebook 5 (``ktlib.analysis.reconstruction_r2``).
     """
     from .simulate import PREDICTIONS
 
-    placebo = "kt target=placebo"
+    if method is None:
+        ran = set(tidy["method"])
+        method = next((m for m in (MAIN_METHOD, "kt target=full") if m in ran), MAIN_METHOD)
+    placebo = placebo_of(method)
     cells = list(tidy["cell"].unique())
     pairs = [(method, "language_vision"), (method, placebo), ("full", method)]
     table = paired_table(tidy, pairs, metrics)
@@ -606,11 +622,12 @@ def story_outcomes(tidy: pd.DataFrame, method: str = "kt target=full", metrics=(
         add("P2", f"{cell}: " + "; ".join(f"{m} vs {b.replace('kt target=', '')} {_show(x)}"
                                           for (b, m), x in r.items()),
             shown if cell == "labels_bottleneck" else None)
-    sizes = sorted((float(c.split("train_scale=")[1]), c) for c in cells if "train_scale=" in c)
-    if "labels_bottleneck" in cells and sizes:
+    sizes = [(float(c.split("train_scale=")[1]), c) for c in cells if "train_scale=" in c]
+    base = sizes[0][1].split(", ")[0] if sizes else None  # the regime the size controls vary
+    if base in cells:
         from .simulate import REGIMES
 
-        series = [(REGIMES["labels_bottleneck"]["train_scale"], "labels_bottleneck"), *sizes]
+        series = sorted([(REGIMES[base].get("train_scale", 1.0), base), *sizes])
         for m in metrics:
             gains = [(size, _gain(table, c, method, "language_vision", m)) for size, c in series]
             known = [(size, g["gain"]) for size, g in gains if g is not None]
@@ -623,13 +640,22 @@ def story_outcomes(tidy: pd.DataFrame, method: str = "kt target=full", metrics=(
             continue
         add("P4", f"{cell}: full - kt " + "; ".join(f"{m} {_show(x)}" for m, x in zip(metrics, r, strict=True)),
             all(x is None or x["verdict"] != "opposite" for x in r))
-    if zero is not None and "labels_bottleneck" in cells:  # P4's second half: full's lead where nothing is shared
+    main = zero.split(", ")[0] if zero is not None else None
+    if main in cells:  # P4's second half: full's lead where nothing is shared, against the regime's own
         for m in metrics:
-            at_zero, at_main = (_gain(table, c, "full", method, m) for c in (zero, "labels_bottleneck"))
+            at_zero, at_main = (_gain(table, c, "full", method, m) for c in (zero, main))
             if at_zero is not None and at_main is not None:
                 add("P4", f"{m}: full's lead over kt at audio_shared=0 {at_zero['gain']:+.3f} vs "
-                          f"{at_main['gain']:+.3f} in labels_bottleneck", bool(at_zero["gain"] > at_main["gain"]))
+                          f"{at_main['gain']:+.3f} in {main}", bool(at_zero["gain"] > at_main["gain"]))
     return pd.DataFrame(rows)
+
+
+def main_variant_runs(data: MultimodalData, seeds, profile_name: str, workers: int | None = None,
+                      progress: bool = True) -> pd.DataFrame:
+    """kt as :data:`MAIN_METHOD` on ``data`` itself (real or simulated; its target's run is trained first):
+    the tidy table of :func:`ktlib.runs.run_jobs`, variant ``MAIN_METHOD`` without the ``"kt "``."""
+    variants = transfer_variants((MAIN_TARGET,), (MAIN_SUPERVISION,))
+    return run_jobs(plan(data, ["kt"], seeds, profile_name, variants), progress=progress, workers=workers)
 
 
 SHARED_VALUES = (0.0, 0.4, 0.8, 1.0)  # the simulator's audio_shared (0.8: its default)
@@ -638,11 +664,11 @@ SHARED_VALUES = (0.0, 0.4, 0.8, 1.0)  # the simulator's audio_shared (0.8: its d
 def shared_runs(data: MultimodalData, seeds, profile_name: str, values=SHARED_VALUES, regime: str = "default",
                 baselines=("language_vision", "full"), workers: int | None = None,
                 progress: bool = True) -> pd.DataFrame:
-    """``baselines`` and kt (target: the full run, trained in any case) at each ``audio_shared``, in ``regime``:
-    the tidy table of :func:`transfer_runs` with an ``audio_shared`` column."""
+    """``baselines`` and kt (:data:`MAIN_METHOD`; its target's run is trained in any case) at each
+    ``audio_shared``, in ``regime``: the tidy table of :func:`transfer_runs` with an ``audio_shared`` column."""
     lv_full = {b: (b, {}) for b in baselines}
     cells = {f"audio_shared={v:g}": Cell(regime, {"audio_shared": float(v)}, lv_full,
-                                         transfer_variants(("full",), ("",))) for v in values}
+                                         transfer_variants((MAIN_TARGET,), (MAIN_SUPERVISION,))) for v in values}
     tidy = transfer_runs(data, cells, seeds, profile_name, workers, progress)
     tidy["audio_shared"] = tidy["cell"].str.split("=").str[1].astype(float)
     return tidy

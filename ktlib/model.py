@@ -54,6 +54,10 @@ The consistency target f_A (``kt_target``), always computed without dropout (the
               :meth:`KTModel.load_audio_encoder` and frozen: the audio as a model trained on the task reads it,
               i.e. what ``full`` puts in its audio slot.  Training reads that run from the store
               (``TrainConfig.target_run``).
+  ``run_memory`` f_A is the self-attention memory's output over the audio of a finished ``audio_only`` run (its
+              projection, then its memory stack, frozen): frame by frame, the audio as a model that predicts the
+              label from the audio alone has encoded it, which keeps the audio's affect and drops much of what the
+              label does not need (the projection keeps everything the audio has).
   ``kt_target_shuffle`` (placebo): each training sample's f_A comes from another sample of the batch, so the target
   has the right distribution but says nothing about its own sample; a gain that survives it is regularisation.
   ``kt_hat_weight`` (lambda3, beyond eq. 6) also supervises delta's output f'_A with l_c(f'_A, f_A).
@@ -83,7 +87,7 @@ SETTING_INPUTS = {  # which modality slots the backbone fuses; in kt the audio s
     "kt_any": ("l", "a", "v"),
 }
 KT_SETTINGS = {"kt": ("a",), "kt_any": ("l", "a", "v")}  # settings with knowledge transfer -> reconstructed targets
-KT_TARGETS = ("random", "trained", "run")  # where the consistency target f_A comes from (module docstring)
+KT_TARGETS = ("random", "trained", "run", "run_memory")  # where the consistency target f_A comes from (docstring)
 
 
 def _per_modality(l, a, v) -> dict[str, int | float]:
@@ -122,7 +126,7 @@ class ModelConfig:
     kt_layers: int = 3  # depth of theta, phi and delta (the paper: transformer blocks of 3 layers)
     kt_time_axis: str = "auto"  # auto | source | language | queries: f'_A's time axis (module docstring)
     kt_concat: str = "feature"  # delta's concatenation of [theta(f_V) || phi(f_L)]: feature (2d wide) | time (2T)
-    kt_target: str = "random"  # random | trained | run: where the consistency target f_A comes from (docstring)
+    kt_target: str = "random"  # random | trained | run | run_memory: where the target f_A comes from (docstring)
     kt_target_shuffle: bool = False  # placebo: in training, each sample's f_A comes from another sample's audio
     kt_hat_weight: float = 0.0  # lambda3 (beyond eq. 6): weight of l_c(f'_A, f_A), supervising delta's output
     consistency: str = "l2"  # l2 (mean squared error, the paper's default) | l1 (Table V)
@@ -173,6 +177,11 @@ class ModelConfig:
             raise ValueError(f"kt_time_axis='source' needs l, a, v of one length, got {self.seq_lens}; use 'queries'")
 
     # --- derived values
+    @property
+    def target_from_run(self) -> bool:
+        """Whether kt's consistency target is read from a finished run (``kt_target`` run or run_memory)."""
+        return self.setting == "kt" and self.kt_target in ("run", "run_memory")
+
     @property
     def inputs(self) -> tuple[str, ...]:
         return SETTING_INPUTS[self.setting]
@@ -590,12 +599,13 @@ class KnowledgeTransfer(nn.Module):
         self.cfg = cfg
 
         def encoder(m):  # modality encoder giving f_m (identity when kt_encoder_layers == 0)
+            drop = dict(attn_dropout=cfg.attn_dropout[m], relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout,
+                        embed_dropout=cfg.embed_dropout, attn_impl=cfg.attn_impl, attn_dropout_on=cfg.attn_dropout_on)
+            if m == "a" and cfg.kt_target == "run_memory":  # the audio_only run's memory stack, copied in later
+                return TransformerEncoder(cfg.d, cfg.heads, cfg.mem_layers, causal=cfg.causal, **drop)
             if cfg.kt_encoder_layers == 0 or (m == "a" and cfg.kt_target == "run"):  # "run": f_A is the projection
                 return nn.Identity()
-            return TransformerEncoder(cfg.d, cfg.heads, cfg.kt_encoder_layers, attn_dropout=cfg.attn_dropout[m],
-                                      relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout,
-                                      embed_dropout=cfg.embed_dropout, attn_impl=cfg.attn_impl,
-                                      attn_dropout_on=cfg.attn_dropout_on)
+            return TransformerEncoder(cfg.d, cfg.heads, cfg.kt_encoder_layers, **drop)
 
         self.enc_l, self.enc_v, self.enc_a = encoder("l"), encoder("v"), encoder("a")
         self.recon = nn.ModuleDict({t: Reconstruction(cfg, t) for t in targets})
@@ -831,10 +841,18 @@ class KTModel(nn.Module):
         if "a" not in getattr(other, "proj", {}):
             raise ValueError(f"the target's source run (setting {other.cfg.setting!r}) has no audio projection; use "
                              "a run that saw real audio (full or audio_only)")
+        memory = self.cfg.kt_target == "run_memory"
+        if memory and other.cfg.setting != "audio_only":
+            raise ValueError(f"kt_target='run_memory' reads the memory of an audio_only run, got a "
+                             f"{other.cfg.setting!r} run; plan it with target_from='audio_only'")
         self.proj["a"].load_state_dict(other.proj["a"].state_dict())
-        if self.kt is not None and other.kt is not None:
+        if memory:
+            self.kt.enc_a.load_state_dict(other.backbone.mem["trans_a_mem"].state_dict())
+        elif self.kt is not None and other.kt is not None:
             self.kt.enc_a.load_state_dict(other.kt.enc_a.state_dict())
         self.proj["a"].requires_grad_(False)  # a fixed target: nothing in this model changes it
+        if self.kt is not None:
+            self.kt.enc_a.requires_grad_(False)
 
 
 def count_parameters(model: nn.Module) -> int:

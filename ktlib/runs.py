@@ -348,7 +348,7 @@ def plan(data: MultimodalData, settings, seeds, profile_name: str = "quick", var
                 job = Job(data, ModelConfig.for_layout(data.layout, setting=setting,
                                                        **{**prof.model, **model_overrides, **overrides}),
                           TrainConfig(**{**prof.train, **train, "seed": seed}), label)
-                if setting == "kt" and job.model.kt_target == "run":
+                if job.model.target_from_run:
                     job = _with_target(job, profile_name, target_from, model_overrides, train)
                 jobs.append(job)
     return jobs

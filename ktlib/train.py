@@ -261,7 +261,7 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, ru
     if bool(train_cfg.teacher) != (teacher is not None):
         raise ValueError(f"train_cfg.teacher={train_cfg.teacher!r} but teacher={'a model' if teacher else None}: "
                          "distillation needs both the run id and the model (load_or_train passes it from the store)")
-    wants_source = model_cfg.setting == "kt" and model_cfg.kt_target == "run"
+    wants_source = model_cfg.target_from_run
     if wants_source != bool(train_cfg.target_run) or bool(train_cfg.target_run) != (audio_source is not None):
         raise ValueError(f"kt_target='run' (setting {model_cfg.setting!r}, kt_target {model_cfg.kt_target!r}) needs "
                          f"both train_cfg.target_run (got {train_cfg.target_run!r}) and the finished run's model "

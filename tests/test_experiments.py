@@ -224,11 +224,12 @@ def _cells(values: dict[tuple[str, str, str], list[float]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _story(kt_mae, kt_corr, placebo_mae, placebo_corr, cell="labels_bottleneck"):
+def _story(kt_mae, kt_corr, placebo_mae, placebo_corr, cell="labels_bottleneck", kt="kt target=full",
+           placebo="kt target=placebo"):
     base = {(cell, "language_vision", "mae"): [1.00, 1.02, 0.98], (cell, "language_vision", "corr"): [0.5, 0.5, 0.5],
             (cell, "full", "mae"): [0.80, 0.81, 0.79], (cell, "full", "corr"): [0.7, 0.71, 0.69],
-            (cell, "kt target=full", "mae"): kt_mae, (cell, "kt target=full", "corr"): kt_corr,
-            (cell, "kt target=placebo", "mae"): placebo_mae, (cell, "kt target=placebo", "corr"): placebo_corr}
+            (cell, kt, "mae"): kt_mae, (cell, kt, "corr"): kt_corr,
+            (cell, placebo, "mae"): placebo_mae, (cell, placebo, "corr"): placebo_corr}
     return _cells(base)
 
 
@@ -269,25 +270,56 @@ def test_story_outcomes_set_each_prediction_beside_what_was_measured():
     assert p3.startswith("mae gain vs language+vision by train_scale: 0.25: +0.100") and "1: +0.050" in p3
 
 
+def test_story_outcomes_follow_the_main_variant_and_its_own_placebo_in_the_control_regime():
+    names = dict(kt=X.MAIN_METHOD, placebo="kt target=placebo_memory +f'A")
+    assert X.placebo_of(X.MAIN_METHOD) == names["placebo"]
+    main = _story([0.95, 0.96, 0.94], [0.55, 0.56, 0.54], [1.00, 1.03, 0.99], [0.5, 0.49, 0.5], "default", **names)
+    half = _story([0.90, 0.91, 0.89], [0.6, 0.61, 0.59], [1.00, 1.03, 0.99], [0.5, 0.49, 0.5],
+                  "default, train_scale=0.5", **names)
+    zero = _story([1.00, 1.02, 0.99], [0.5, 0.5, 0.51], [1.01, 1.01, 0.98], [0.5, 0.51, 0.5],
+                  "default, audio_shared=0", **names)
+    outcomes = X.story_outcomes(pd.concat([main, half, zero], ignore_index=True))
+    by = outcomes.groupby("prediction")["agrees"].apply(list).to_dict()
+    assert by["P1"] == [True] and by["P2"] == [None]  # P2 is judged in the bottleneck regime, which did not run
+    assert by["P3"] == [True, True]  # half the data (0.5, listed first) gains more than the whole split (1)
+    p3 = outcomes[outcomes["prediction"] == "P3"].iloc[0]["observed"]
+    assert p3.startswith("mae gain vs language+vision by train_scale: 0.5: +0.100") and "; 1: +0.050" in p3
+    assert "in default" in outcomes[outcomes["prediction"] == "P4"].iloc[-1]["observed"]
+
+
 def test_transfer_cells_and_their_parameters():
     cells = X.transfer_cells()
-    assert list(cells) == ["labels_bottleneck", "default", "labels_bottleneck, audio_shared=0",
-                           "labels_bottleneck, train_scale=1"]
-    main = cells["labels_bottleneck"]
-    assert set(main.variants) == {"target=random", "target=random +f'A", "target=placebo", "target=placebo +f'A",
-                                  "target=full", "target=full +f'A", "target=audio_only",
-                                  "target=audio_only +f'A", "target=full lambda=0"}
+    assert list(cells) == ["labels_bottleneck", "default", "default, audio_shared=0", "default, train_scale=0.5"]
+    targets = ("random", "placebo", "full", "audio_only", "audio_memory", "placebo_memory")
+    assert set(cells["labels_bottleneck"].variants) == {f"target={t}{s}" for t in targets for s in ("", " +f'A")}
+    main = cells["default"]  # the controls' regime: lambda=0 and the matched language+vision join it
+    assert set(main.variants) - set(cells["labels_bottleneck"].variants) == {"target=audio_memory +f'A lambda=0"}
+    assert main.variants["target=audio_memory +f'A lambda=0"] == {
+        "kt_target": "run_memory", "target_from": "audio_only", "kt_hat_weight": 0.0, "lambda1": 0.0, "lambda2": 0.0}
     assert main.variants["target=placebo"] == {"kt_target": "run", "kt_target_shuffle": True}
     assert main.baselines["language_vision (matched)"] == ("language_vision", X.MATCHED_LV)
-    assert cells["labels_bottleneck, audio_shared=0"].knobs == {"audio_shared": 0.0}
-    seeds, few = X.transfer_params(3, "full,placebo", False, "labels_bottleneck", "")
+    assert "language_vision (matched)" not in cells["labels_bottleneck"].baselines
+    zero = cells["default, audio_shared=0"]
+    assert zero.regime == "default" and zero.knobs == {"audio_shared": 0.0}
+    assert set(zero.variants) == {"target=audio_memory +f'A", "target=placebo_memory +f'A"}
+    assert cells["default, train_scale=0.5"].knobs == {"train_scale": 0.5}
+    seeds, few = X.transfer_params(3, "full,placebo", "without", "labels_bottleneck", "")
     assert seeds == [1, 2, 3] and list(few) == ["labels_bottleneck"]
-    with pytest.raises(ValueError, match=r"transfer_seeds=1: an integer from 2 to 20.*\n.*controls='bogus'"):
-        X.transfer_params(1, "full", False, "labels_bottleneck", "bogus")
-    controls_only = X.transfer_params(3, "full,placebo", False, "", "audio_shared=0,train_scale=1")[1]
+    assert set(few["labels_bottleneck"].variants) == {"target=full", "target=placebo"}
+    assert "audio_only" not in few["labels_bottleneck"].baselines  # no target reads an audio-only run
+    with pytest.raises(ValueError, match=r"transfer_seeds=1: an integer from 2 to 20.*\n.*controls='bogus'.*\n"
+                                         r".*supervision='yes': one of \('without', 'with', 'both'\)"):
+        X.transfer_params(1, "full", "yes", "labels_bottleneck", "bogus")
+    controls_only = X.transfer_params(3, "full,placebo", "with", "", "audio_shared=0,train_scale=1",
+                                      "labels_bottleneck")[1]
     assert list(controls_only) == ["labels_bottleneck, audio_shared=0", "labels_bottleneck, train_scale=1"]
+    lambda_only = X.transfer_params(3, "full", "with", "", "lambda=0")[1]
+    assert list(lambda_only) == ["default"] and list(lambda_only["default"].variants) == [
+        "target=audio_memory +f'A lambda=0"]
     with pytest.raises(ValueError, match="nothing to run"):
-        X.transfer_params(3, "full", False, "", "lambda=0")
+        X.transfer_params(3, "full", "with", "", "")
+    with pytest.raises(ValueError, match="control_regime='bogus'"):
+        X.transfer_params(3, "full", "with", "default", "", "bogus")
 
 
 def test_equal_steps_keeps_the_number_of_optimisation_steps():

@@ -981,6 +981,22 @@ def test_target_from_a_run_is_that_runs_projected_audio_and_stays_fixed():
         kt.load_audio_encoder(build(short_config("aligned", setting="language_vision")))
 
 
+def test_memory_target_is_the_audio_only_runs_memory_output_over_its_audio():
+    cfg = short_config("aligned", setting="kt", kt_target="run_memory")
+    kt, audio_only = build(cfg, seed=1), build(short_config("aligned", setting="audio_only"), seed=2).eval()
+    kt.load_audio_encoder(audio_only)
+    batch = synth_batch(cfg)
+    _, details = kt.train()(batch, return_details=True)  # training mode: the target is still computed in eval mode
+    with torch.no_grad():
+        expected = audio_only.backbone.mem["trans_a_mem"](audio_only.proj["a"](batch["a"]),
+                                                           x_mask=batch["mask_a"])[0]
+    assert torch.allclose(details["f_a"], expected, atol=1e-6)
+    (details["loss_va"] + details["loss_la"]).backward()
+    assert all(not p.requires_grad and p.grad is None for p in kt.kt.enc_a.parameters())
+    with pytest.raises(ValueError, match=r"reads the memory of an audio_only run, got a 'full' run"):
+        kt.load_audio_encoder(build(short_config("aligned", setting="full")))
+
+
 def test_derangement_pairs_every_sample_with_another():
     torch.manual_seed(0)
     for n in (2, 3, 10):

@@ -120,8 +120,8 @@ def test_ablation_and_analysis_tables_are_complete_and_finite(executed):
         table = pd.read_csv(tables / f"{name}.csv")
         assert set(table["variant"]) == variants and np.isfinite(table["mean"]).all()
     verdicts = pd.read_csv(tables / "04-transfer-verdicts.csv")
-    assert set(verdicts["method"]) == {"kt target=placebo", "kt target=full"}
-    assert set(verdicts["cell"]) == {"labels_bottleneck"}
+    assert set(verdicts["method"]) == {"kt target=placebo_memory +f'A", "kt target=audio_memory +f'A"}
+    assert set(verdicts["cell"]) == {"default"}
     assert set(verdicts["transfer"]) <= {"shown", "not shown"}
     intervals = pd.read_csv(tables / "04-transfer-intervals.csv")
     assert set(intervals["verdict"]) <= {"supported", "opposite", "undecided"}
