@@ -287,12 +287,14 @@ class MultimodalData:
 # Validation
 
 
-def _fail(source: str, where: str, problem: str) -> DataFileError:
-    return DataFileError(
-        f"{source}: {where}: {problem}. This is not a complete MulT-layout file for the expected dataset: if it is "
-        f"a renamed published file, pass layout= (e.g. 'mosi_unaligned'); otherwise download it again "
-        f"(data/README.md lists each file's layout)."
-    )
+_REDOWNLOAD = ("This is not a complete MulT-layout file for the expected dataset: if it is a renamed published file, "
+               "pass layout= (e.g. 'mosi_unaligned'); otherwise download it again (data/README.md lists each file's "
+               "layout).")
+
+
+def _fail(source: str, where: str, problem: str, fix: str = _REDOWNLOAD) -> DataFileError:
+    """The error for a bad input: the file, where in it, what is wrong, then what to do."""
+    return DataFileError(f"{source}: {where}: {problem}. {fix}")
 
 
 def validate_raw(raw: object, layout: Layout | None, source: str,
@@ -301,8 +303,12 @@ def validate_raw(raw: object, layout: Layout | None, source: str,
 
     ``copy=False`` cleans the arrays in place (for a dict just read from a file: no second copy of a large file).
 
-    Raises :class:`DataFileError` naming the file, split, key, expected and found shapes.  NaN and +-inf in
-    features become 0 and are counted (a :class:`NonFiniteValuesWarning` says so); non-finite labels are an error.
+    Raises :class:`DataFileError` naming the file, split, key, expected and found shapes (or the first bad row and
+    its value), then what to do.  Refused: a missing split or key; arrays that are not 3-D numbers; keys of a split
+    with different numbers of rows; an empty split; labels of the wrong shape, not finite, outside the layout's
+    ``label_range`` (MOSI/MOSEI: [-3, 3]) or, for IEMOCAP, not one-hot per emotion; ids not one per row; shapes
+    other than the layout's, or, without a layout, a (T, D) that is 0 or differs between splits.  NaN and +-inf in
+    features become 0 and are counted (a :class:`NonFiniteValuesWarning` says so).
     """
     if not isinstance(raw, dict):
         raise _fail(source, "top level", f"expected a dict with keys {list(SPLITS)}, found {type(raw).__name__}")
@@ -310,70 +316,23 @@ def validate_raw(raw: object, layout: Layout | None, source: str,
     if missing:
         raise _fail(source, "top level", f"missing split(s) {missing}; expected {list(SPLITS)}, found "
                                          f"{sorted(map(str, raw))}")
-    widths: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     splits, nonfinite = {}, {}
     for split in SPLITS:
-        part = raw[split]
-        if not isinstance(part, dict):
-            raise _fail(source, f"split '{split}'", f"expected a dict, found {type(part).__name__}")
-        needed = [*FILE_KEYS.values(), "labels"]
-        absent = [k for k in needed if k not in part]
-        if absent:
-            raise _fail(source, f"split '{split}'", f"missing key(s) {absent}; expected {needed} (+ optional 'id'), "
-                                                    f"found {sorted(map(str, part))}")
-        arrays = {}
-        n = None
-        for key in needed:
-            x = part[key]
-            where = f"split '{split}', key '{key}'"
-            if not isinstance(x, np.ndarray):
-                raise _fail(source, where, f"expected a numpy array, found {type(x).__name__}")
-            if x.dtype.kind not in "fiub":
-                raise _fail(source, where, f"expected numbers, found dtype {x.dtype}")
-            if x.ndim != 3:
-                raise _fail(source, where, f"expected a 3-D array (N, T, D), found shape {x.shape}")
-            if n is None:
-                n = x.shape[0]
-            elif x.shape[0] != n:
-                raise _fail(source, where, f"has {x.shape[0]} rows but '{needed[0]}' has {n}; every key of a split "
-                                           f"must have one row per utterance")
-            arrays[key] = x
-        labels = arrays.pop("labels").astype(np.float32, copy=False)
-        expected_label = layout.label_shape if layout else None
-        if expected_label is None:
-            expected_label = labels.shape[1:] if labels.shape[1:] in ((1, 1), (4, 2)) else (1, 1)
-        if labels.shape[1:] != tuple(expected_label):
-            raise _fail(source, f"split '{split}', key 'labels'",
-                        f"expected shape (N, {', '.join(map(str, expected_label))}), found {labels.shape}")
-        if not np.isfinite(labels).all():
-            bad = int((~np.isfinite(labels)).sum())
-            raise _fail(source, f"split '{split}', key 'labels'", f"{bad} NaN/inf label(s); labels must be finite")
+        arrays, n = _split_arrays(raw[split], source, split)
+        labels = _labels(arrays.pop("labels"), layout, source, split)
         feats = {}
         for m in MODALITIES:
             key = FILE_KEYS[m]
             x = arrays[key]
-            where = f"split '{split}', key '{key}'"
-            if layout is not None:
-                want = (layout.seq_lens[m], layout.feature_dims[m])
-                if x.shape[1:] != want:
-                    raise _fail(source, where, f"expected shape (N, {want[0]}, {want[1]}) for {layout.name}, "
-                                               f"found {x.shape}")
-            elif widths.setdefault(m, x.shape[2]) != x.shape[2]:
-                raise _fail(source, where, f"feature width {x.shape[2]} differs from {widths[m]} in an earlier split")
+            _check_shape(x, m, layout, shapes, source, f"split '{split}', key '{key}'")
             x = np.array(x, dtype=np.float32) if copy else np.asarray(x, dtype=np.float32)  # asarray: no copy
             bad = ~np.isfinite(x)
             if bad.any():
                 nonfinite[f"{split}/{key}"] = int(bad.sum())
                 x[bad] = 0.0
             feats[m] = x
-        ids = part.get("id")
-        if ids is None:
-            ids = np.array([f"{split}-{i}" for i in range(n)])
-        else:
-            ids = np.asarray(ids)
-            if len(ids) != n:
-                raise _fail(source, f"split '{split}', key 'id'", f"expected {n} ids, found {len(ids)}")
-            ids = np.array(["_".join(map(_as_text, row)) if np.ndim(row) else _as_text(row) for row in ids])
+        ids = _ids(raw[split].get("id"), n, source, split)
         splits[split] = SplitData(l=feats["l"], a=feats["a"], v=feats["v"], labels=labels, ids=ids)
     if nonfinite:
         warnings.warn(
@@ -381,6 +340,105 @@ def validate_raw(raw: object, layout: Layout | None, source: str,
             NonFiniteValuesWarning, stacklevel=3,
         )
     return splits, nonfinite
+
+
+def _split_arrays(part: object, source: str, split: str) -> tuple[dict[str, np.ndarray], int]:
+    """A split's features and labels, each a 3-D numeric array with the same number of rows N > 0; and N."""
+    if not isinstance(part, dict):
+        raise _fail(source, f"split '{split}'", f"expected a dict, found {type(part).__name__}")
+    needed = [*FILE_KEYS.values(), "labels"]
+    absent = [k for k in needed if k not in part]
+    if absent:
+        raise _fail(source, f"split '{split}'", f"missing key(s) {absent}; expected {needed} (+ optional 'id'), "
+                                                f"found {sorted(map(str, part))}")
+    arrays = {}
+    n = None
+    for key in needed:
+        x = part[key]
+        where = f"split '{split}', key '{key}'"
+        if not isinstance(x, np.ndarray):
+            raise _fail(source, where, f"expected a numpy array, found {type(x).__name__}")
+        if x.dtype.kind not in "fiub":
+            raise _fail(source, where, f"expected numbers, found dtype {x.dtype}")
+        if x.ndim != 3:
+            raise _fail(source, where, f"expected a 3-D array (N, T, D), found shape {x.shape}")
+        if n is None:
+            n = x.shape[0]
+        elif x.shape[0] != n:
+            raise _fail(source, where, f"has {x.shape[0]} rows but '{needed[0]}' has {n}; every key of a split "
+                                       f"must have one row per utterance")
+        arrays[key] = x
+    if n == 0:
+        raise _fail(source, f"split '{split}'", f"is empty (0 rows in {needed}); every split needs at least one "
+                                                f"utterance", fix="The file was cut short when it was made or "
+                    "copied: download it again (data/README.md), or rebuild it with at least one utterance in each "
+                    "of train, valid and test.")
+    return arrays, n
+
+
+def _check_shape(x: np.ndarray, m: str, layout: Layout | None, shapes: dict[str, tuple[int, ...]], source: str,
+                 where: str) -> None:
+    """(T, D) of modality ``m``: the layout's, else not 0 and the same in every split (``shapes`` remembers)."""
+    if layout is not None:
+        want = (layout.seq_lens[m], layout.feature_dims[m])
+        if x.shape[1:] != want:
+            raise _fail(source, where, f"expected shape (N, {want[0]}, {want[1]}) for {layout.name}, found {x.shape}")
+    elif 0 in x.shape[1:]:
+        raise _fail(source, where, f"shape {x.shape} has no frames or no features; every utterance needs at least "
+                                   f"one frame of at least one feature")
+    elif shapes.setdefault(m, x.shape[1:]) != x.shape[1:]:
+        raise _fail(source, where, f"(T, D) = {x.shape[1:]} differs from {shapes[m]} in split '{SPLITS[0]}'; every "
+                                   f"split must have the same sequence length and feature width")
+
+
+def _labels(labels: np.ndarray, layout: Layout | None, source: str, split: str) -> np.ndarray:
+    """Float32 labels (N, 1, 1) or (N, 4, 2), all finite, within the layout's range, one-hot per IEMOCAP emotion."""
+    labels = labels.astype(np.float32, copy=False)
+    where = f"split '{split}', key 'labels'"
+    expected = layout.label_shape if layout else None
+    if expected is None:
+        expected = labels.shape[1:] if labels.shape[1:] in ((1, 1), (4, 2)) else (1, 1)
+    if labels.shape[1:] != tuple(expected):
+        raise _fail(source, where, f"expected shape (N, {', '.join(map(str, expected))}), found {labels.shape}")
+    rows = labels.reshape(len(labels), -1)  # (N, 1) or (N, 8)
+    _refuse_rows(~np.isfinite(rows).all(1), labels, source, where, "have a NaN/inf label",
+                 "Labels must be finite: download the file again (data/README.md); for a file you made, give every "
+                 "utterance its label.")
+    if labels.shape[1:] == (4, 2):
+        one_hot = np.isin(labels, (0, 1)).all(-1) & (labels.sum(-1) == 1)  # (N, 4): per emotion
+        _refuse_rows(~one_hot.all(1), labels, source, where, "are not one-hot per emotion",
+                     f"Each of the 4 emotions ({', '.join(EMOTIONS)}) must be a (no, yes) pair of 0/1 values summing "
+                     f"to 1: turn class indices or probabilities into such pairs, or download the file again "
+                     f"(data/README.md).")
+    elif layout is not None and layout.label_range is not None:
+        lo, hi = layout.label_range
+        _refuse_rows(((rows < lo) | (rows > hi)).any(1), labels, source, where,
+                     f"are outside [{lo:g}, {hi:g}], the range of {layout.name} sentiment labels",
+                     f"Such labels are not CMU-MOSI/MOSEI sentiment scores: download the file again "
+                     f"(data/README.md), or rescale labels of another scale to [{lo:g}, {hi:g}]; a file that is not "
+                     f"MOSI/MOSEI loads under a name of its own, without this layout.")
+    return labels
+
+
+def _refuse_rows(bad: np.ndarray, labels: np.ndarray, source: str, where: str, problem: str, fix: str) -> None:
+    """Refuse if any row is ``bad`` (N,): how many, the first with its value, what is wrong, then what to do."""
+    rows = np.flatnonzero(bad)
+    if rows.size:
+        first = rows[0]
+        value = labels[first].astype(np.float64).round(6).squeeze().tolist()  # 0.3, not 0.30000001192
+        raise _fail(source, where, f"{rows.size} of {len(bad)} row(s) {problem} (e.g. row {first}: {value})", fix)
+
+
+def _ids(ids: object, n: int, source: str, split: str) -> np.ndarray:
+    """One text id per row: the file's (an id of several parts joined by '_'), else '<split>-<row>'."""
+    if ids is None:
+        return np.array([f"{split}-{i}" for i in range(n)])
+    ids = np.asarray(ids)
+    found = len(ids) if ids.ndim else "a single value"
+    if found != n:
+        raise _fail(source, f"split '{split}', key 'id'", f"expected {n} ids, found {found}; a split needs one id "
+                                                          f"per row (or no 'id' key at all)")
+    return np.array(["_".join(map(_as_text, row)) if np.ndim(row) else _as_text(row) for row in ids])
 
 
 def _as_text(x) -> str:

@@ -15,6 +15,7 @@ MODALITY_NAMES = {"l": "language", "a": "audio", "v": "vision"}
 SPLITS = ("train", "valid", "test")
 ALIGNMENTS = ("aligned", "unaligned")
 EMOTIONS = ("neutral", "happy", "sad", "angry")  # IEMOCAP label rows, in the MulT files' order
+SENTIMENT_RANGE = (-3.0, 3.0)  # MOSI/MOSEI labels: mean annotator rating, -3 (very negative) to 3 (very positive)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Layout:
     description: str = ""
     sha256: str | None = None  # checksum, where one is known
     caveat: str = ""  # a real-data fixture: why its numbers must not be read as the corpus's (every table says it)
+    label_range: tuple[float, float] | None = None  # the valid regression labels (MOSI/MOSEI sentiment), checked
 
     @property
     def task(self) -> str:
@@ -51,6 +53,7 @@ def _mult(dataset, alignment, filename, dims, lens, sizes, label_shape, size_mb,
         label_shape=label_shape,
         size_mb=size_mb,
         description=description,
+        label_range=SENTIMENT_RANGE if label_shape == (1, 1) else None,
     )
 
 
@@ -89,6 +92,7 @@ MOSI_UTTERANCE = Layout(
     description="CMU-MOSI utterance-level features (Poria et al. 2017), standard folds, sequence length 1",
     sha256="73a81efdd42354ea813d0cd7df12adc54fafb5b63305bd228fc66d126ab2171e",
     caveat="sequence length 1; its text features leak labels; not comparable with the paper",
+    label_range=SENTIMENT_RANGE,
 )
 LAYOUTS[MOSI_UTTERANCE.name] = MOSI_UTTERANCE
 

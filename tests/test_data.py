@@ -38,7 +38,7 @@ from ktlib.data import (
     validate_raw,
 )
 from ktlib.simulate import preset, simulate
-from ktlib.specs import FILE_KEYS, MODALITIES, MOSI_UTTERANCE, SPLITS, get_layout
+from ktlib.specs import FILE_KEYS, LAYOUTS, MODALITIES, MOSI_UTTERANCE, SPLITS, get_layout
 
 SIZES = {"train": 26, "valid": 8, "test": 14}  # preset(..., scale=0.02).split_sizes() for MOSI and IEMOCAP
 
@@ -156,6 +156,32 @@ def _ids_one_short(raw):
     return raw
 
 
+def _empty_split(raw):
+    raw["valid"] = {key: x[:0] for key, x in raw["valid"].items()}
+    return raw
+
+
+def _vision_two_rows_short(raw):
+    raw["test"]["vision"] = raw["test"]["vision"][:-2]
+    return raw
+
+
+def _labels_out_of_range(raw):
+    raw["train"]["labels"][5, 0, 0] = 9.0
+    raw["train"]["labels"][7, 0, 0] = -3.5
+    return raw
+
+
+def _inf_label(raw):
+    raw["test"]["labels"][0, 0, 0] = -np.inf
+    return raw
+
+
+def _id_a_single_value(raw):
+    raw["test"]["id"] = "one-id-for-all"
+    return raw
+
+
 MALFORMED = {
     "missing-split": (_drop_split, r"top level: missing split\(s\) \['valid'\]; "
                                    r"expected \['train', 'valid', 'test'\], found \['test', 'train'\]"),
@@ -167,7 +193,22 @@ MALFORMED = {
                               r"\(26, 20\)"),
     "mismatched-rows": (_labels_one_row_short, r"split 'train', key 'labels': has 25 rows but 'text' has 26; "
                                                r"every key of a split must have one row per utterance"),
-    "nan-label": (_nan_label, r"split 'valid', key 'labels': 1 NaN/inf label\(s\); labels must be finite"),
+    "nan-label": (_nan_label, r"split 'valid', key 'labels': 1 of 8 row\(s\) have a NaN/inf label \(e\.g\. row 3: "
+                              r"nan\)\. Labels must be finite: download the file again"),
+    "inf-label": (_inf_label, r"split 'test', key 'labels': 1 of 14 row\(s\) have a NaN/inf label \(e\.g\. row 0: "
+                              r"-inf\)"),
+    "empty-split": (_empty_split, r"split 'valid': is empty \(0 rows in \['text', 'audio', 'vision', 'labels'\]\); "
+                                  r"every split needs at least one utterance\. The file was cut short when it was "
+                                  r"made or copied: download it again \(data/README\.md\), or rebuild it with at "
+                                  r"least one utterance in each of train, valid and test\."),
+    "modality-rows": (_vision_two_rows_short, r"split 'test', key 'vision': has 12 rows but 'text' has 14"),
+    "label-range": (_labels_out_of_range, r"split 'train', key 'labels': 2 of 26 row\(s\) are outside \[-3, 3\], "
+                                          r"the range of mosi_aligned sentiment labels \(e\.g\. row 5: 9\.0\)\. "
+                                          r"Such labels are not CMU-MOSI/MOSEI sentiment scores: download the file "
+                                          r"again \(data/README\.md\), or rescale labels of another scale to "
+                                          r"\[-3, 3\]"),
+    "id-single-value": (_id_a_single_value, r"split 'test', key 'id': expected 14 ids, found a single value; a split "
+                                            r"needs one id per row \(or no 'id' key at all\)"),
     "top-level-list": (_top_level_list, r"top level: expected a dict with keys \['train', 'valid', 'test'\], "
                                         r"found list"),
     "split-not-dict": (_split_not_a_dict, r"split 'valid': expected a dict, found list"),
@@ -189,6 +230,92 @@ def test_malformed_file_is_refused_naming_file_split_key_and_shapes(tmp_path, ca
     assert not isinstance(info.value, UnsafePickleError)
 
 
+NEUTRAL = [[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]  # (no, yes) per emotion: neutral, not happy/sad/angry
+
+
+def _not_one_hot(row, emotion, pair):
+    def damage(raw):
+        raw["train"]["labels"][:] = NEUTRAL  # a known valid row everywhere
+        raw["train"]["labels"][row, emotion] = pair
+        return raw
+
+    bad = [list(p) for p in NEUTRAL]
+    bad[emotion] = [float(x) for x in pair]
+    return damage, row, bad
+
+
+NOT_ONE_HOT = {
+    "both-yes-and-no": _not_one_hot(2, 1, (1, 1)),
+    "neither": _not_one_hot(4, 0, (0, 0)),
+    "probabilities": _not_one_hot(6, 3, (0.3, 0.7)),
+    "class-number": _not_one_hot(8, 2, (0, 2)),
+}
+
+
+@pytest.mark.parametrize("name", ["iemocap_data.pkl", "custom_iemocap.pkl"], ids=["layout", "no-layout"])
+@pytest.mark.parametrize("case", list(NOT_ONE_HOT))
+def test_iemocap_label_row_that_is_not_one_hot_per_emotion_is_refused(tmp_path, case, name):
+    damage, row, value = NOT_ONE_HOT[case]
+    raw = damage(_small_raw("iemocap"))
+    path = _write_pickle(tmp_path / name, raw)
+    n = len(raw["train"]["labels"])
+    expected = (f"{path}: split 'train', key 'labels': 1 of {n} row(s) are not one-hot per emotion (e.g. row {row}: "
+                f"{value}). Each of the 4 emotions (neutral, happy, sad, angry) must be a (no, yes) pair of 0/1 "
+                f"values summing to 1: turn class indices or probabilities into such pairs, or download the file "
+                f"again (data/README.md).")
+    with pytest.raises(DataFileError, match=f"^{re.escape(expected)}$"):
+        load_mult_file(path)
+
+
+def test_valid_iemocap_labels_with_or_without_an_emotion_load(tmp_path):
+    raw = _small_raw("iemocap")
+    raw["valid"]["labels"][0] = (1, 0)  # none of the four emotions: every pair is still (no, yes) one-hot
+    data = load_mult_file(_write_pickle(tmp_path / "iemocap_data.pkl", raw))
+    assert data.task == "classification"
+    np.testing.assert_array_equal(data["valid"].labels, raw["valid"]["labels"])
+
+
+def test_labels_exactly_at_the_ends_of_the_sentiment_range_are_accepted(tmp_path):
+    raw = _small_raw()
+    for split in SPLITS:
+        raw[split]["labels"][0, 0, 0] = -3.0
+        raw[split]["labels"][1, 0, 0] = 3.0
+    data = load_mult_file(_write_pickle(tmp_path / "mosi_data.pkl", raw))
+    assert data.layout.label_range == (-3.0, 3.0)
+    for split in SPLITS:
+        assert data[split].labels.min() == -3.0 and data[split].labels.max() == 3.0
+        np.testing.assert_array_equal(data[split].labels, raw[split]["labels"])
+
+
+def test_sentiment_range_is_checked_for_every_mosi_and_mosei_layout_and_only_those():
+    ranges = {name: layout.label_range for name, layout in LAYOUTS.items()}
+    assert ranges == {name: None if name.startswith("iemocap") else (-3.0, 3.0) for name in LAYOUTS}
+
+
+def test_label_out_of_range_is_refused_for_an_explicit_layout_not_for_a_file_without_one(tmp_path):
+    path = _write_pickle(tmp_path / "my_copy.pkl", _labels_out_of_range(_small_raw()))
+    with pytest.raises(DataFileError, match=r"my_copy\.pkl: split 'train', key 'labels': 2 of 26 row\(s\) are "
+                                            r"outside \[-3, 3\], the range of mosi_aligned sentiment labels"):
+        load_mult_file(path, layout="mosi_aligned")
+    data = load_mult_file(path)  # a custom file: its labels may be on any scale
+    assert data["train"].labels[5, 0, 0] == 9.0
+
+
+def test_refusing_loses_nothing_and_reports_nothing_else(tmp_path, recwarn):
+    raw = _with_nonfinite(_small_raw())  # features the reader would clean in train and test ...
+    raw["test"]["labels"][4, 0, 0] = 9.0  # ... but the test labels are refused first
+    path = _write_pickle(tmp_path / "mosi_data.pkl", raw)
+    before = path.read_bytes()
+    with pytest.raises(DataFileError, match=r"split 'test', key 'labels': 1 of 14 row\(s\) are outside"):
+        load_mult_file(path)
+    with pytest.raises(DataFileError, match=r"\(e\.g\. row 4: 9\.0\)"):
+        validate_raw(raw, get_layout("mosi", "aligned"), "in-memory")
+    assert path.read_bytes() == before  # the file is untouched
+    assert np.isneginf(raw["train"]["audio"][0, -1, 0])  # the caller's arrays too
+    assert list(tmp_path.iterdir()) == [path]  # nothing written beside it
+    assert not [w for w in recwarn if issubclass(w.category, NonFiniteValuesWarning)]  # no half-done report
+
+
 def test_wrong_width_is_caught_against_an_explicit_layout_for_a_renamed_file(tmp_path):
     path = _write_pickle(tmp_path / "my_copy.pkl", _audio_width_6(_small_raw()))
     with pytest.raises(DataFileError, match=r"my_copy\.pkl: split 'test', key 'audio': expected shape \(N, 50, 5\) "
@@ -198,10 +325,32 @@ def test_wrong_width_is_caught_against_an_explicit_layout_for_a_renamed_file(tmp
         load_mult_file(path, layout=get_layout("mosi", "aligned"))
 
 
-def test_file_of_unknown_name_is_checked_for_consistent_widths_across_splits(tmp_path):
-    path = _write_pickle(tmp_path / "custom.pkl", _audio_width_6(_small_raw()))
-    with pytest.raises(DataFileError, match=r"custom\.pkl: split 'test', key 'audio': feature width 6 differs from 5 "
-                                            r"in an earlier split"):
+def _audio_length_40(raw):
+    raw["valid"]["audio"] = raw["valid"]["audio"][:, -40:]
+    return raw
+
+
+def _audio_without_frames(raw):
+    raw["train"]["audio"] = raw["train"]["audio"][:, :0]
+    return raw
+
+
+def _vision_without_features(raw):
+    raw["train"]["vision"] = raw["train"]["vision"][:, :, :0]
+    return raw
+
+
+@pytest.mark.parametrize(("damage", "pattern"), [
+    (_audio_width_6, r"split 'test', key 'audio': \(T, D\) = \(50, 6\) differs from \(50, 5\) in split 'train'; "
+                     r"every split must have the same sequence length and feature width"),
+    (_audio_length_40, r"split 'valid', key 'audio': \(T, D\) = \(40, 5\) differs from \(50, 5\) in split 'train'"),
+    (_audio_without_frames, r"split 'train', key 'audio': shape \(26, 0, 5\) has no frames or no features; every "
+                            r"utterance needs at least one frame of at least one feature"),
+    (_vision_without_features, r"split 'train', key 'vision': shape \(26, 50, 0\) has no frames or no features"),
+], ids=["width", "length", "no-frames", "no-features"])
+def test_file_of_unknown_name_is_checked_for_consistent_shapes_across_splits(tmp_path, damage, pattern):
+    path = _write_pickle(tmp_path / "custom.pkl", damage(_small_raw()))
+    with pytest.raises(DataFileError, match=rf"custom\.pkl: {pattern}"):
         load_mult_file(path)
 
 
