@@ -491,6 +491,32 @@ def transfer_verdicts(tidy: pd.DataFrame, metrics=("mae", "corr")) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
+def transfer_answer(verdicts: pd.DataFrame, n_seeds: int) -> str:
+    """The answer of :func:`transfer_verdicts` in words: where transfer is shown, or that nowhere is it, and
+    which gains over language+vision its placebo explains (regularisation)."""
+    shown = verdicts[verdicts["transfer"] == "shown"]
+    if len(shown):
+        return ("Transfer shown (kt beats language+vision and its placebo on MAE and Corr, full not worse), "
+                f"{n_seeds} seeds: " + "; ".join(f"{r.method} in {r.cell}" for r in shown.itertuples()) + ".")
+    lines = [f"No cell shows transfer over {n_seeds} seeds: no kt variant beats both language+vision and its "
+             "placebo with intervals that exclude zero on MAE and Corr."]
+    lv_cols = [c for c in verdicts.columns if c.endswith("vs language+vision")]
+    ahead = verdicts[verdicts[lv_cols].apply(lambda row: all(_excludes_zero(v) for v in row), axis=1)]
+    for r in ahead.itertuples():
+        if placebo_of(r.method):
+            lines.append(f"{r.method} in {r.cell} is ahead of language+vision on MAE and Corr but not of its "
+                         "placebo: regularisation, not transfer.")
+        else:
+            lines.append(f"The placebo {r.method} in {r.cell} is ahead of language+vision on MAE and Corr: what the "
+                         "extra branch gives without any audio of its own utterance.")
+    return " ".join(lines)
+
+
+def _excludes_zero(cell: str) -> bool:
+    """Whether a ``"+g [low, high] k/n"`` gain of :func:`transfer_verdicts` lies above zero."""
+    return isinstance(cell, str) and float(cell.split("[")[1].split(",")[0]) > 0
+
+
 CONTROLS = ("lambda=0", "matched", "audio_shared=0", "train_scale=0.5")  # the controls of notebook 4
 CONTROL_CELLS = ("audio_shared=0", "train_scale=")  # controls that are cells of their own (the others join a regime)
 

@@ -325,3 +325,18 @@ def test_transfer_cells_and_their_parameters():
 def test_equal_steps_keeps_the_number_of_optimisation_steps():
     assert X.equal_steps("quick", 0.25) == {"epochs": 32} and X.equal_steps("quick", 1.0) == {}
     assert X.equal_steps("quick", 2.0) == {"epochs": 4}
+
+
+def test_transfer_answer_says_where_transfer_is_shown_or_that_it_is_nowhere():
+    shown = _story([0.90, 0.91, 0.89], [0.6, 0.61, 0.59], [1.00, 1.03, 0.99], [0.5, 0.49, 0.5])
+    assert X.transfer_answer(X.transfer_verdicts(shown), 3) == (
+        "Transfer shown (kt beats language+vision and its placebo on MAE and Corr, full not worse), 3 seeds: "
+        "kt target=full in labels_bottleneck.")
+    placebo_too = _story([0.90, 0.91, 0.89], [0.6, 0.61, 0.59], [0.90, 0.92, 0.88], [0.6, 0.6, 0.6])
+    answer = X.transfer_answer(X.transfer_verdicts(placebo_too), 3)
+    assert answer.startswith("No cell shows transfer over 3 seeds")
+    assert "kt target=full in labels_bottleneck is ahead of language+vision on MAE and Corr but not of its " \
+           "placebo: regularisation, not transfer." in answer
+    assert "The placebo kt target=placebo in labels_bottleneck is ahead" in answer
+    nothing = _story([1.00, 1.03, 0.99], [0.5, 0.49, 0.5], [1.00, 1.03, 0.99], [0.5, 0.49, 0.5])
+    assert X.transfer_answer(X.transfer_verdicts(nothing), 3).endswith("on MAE and Corr.")
