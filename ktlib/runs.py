@@ -5,6 +5,8 @@ test, every metric), ``history.csv`` (one row per epoch), ``model.pt`` (the best
 with ``weights_only=True``) and ``environment.json`` (versions, device).  The id is readable and ends with a hash
 of the whole configuration, so any change of data, model or training gives a new run.  ``metrics.json`` is
 written last: a folder without it is an unfinished run, which :func:`load_or_train` resumes from ``last.pt``.
+Several processes or machines can share a store: one lock per run id (:func:`run_lock`) makes a run train once.
+:func:`train_missing` trains jobs in local processes or on a Dask cluster (``scheduler``, :mod:`ktlib.pool`).
 
 :func:`grid` runs settings x seeds (x variants for ablations) and returns a tidy table; :func:`summarize` gives
 mean and sample standard deviation (the workbook's one convention, :mod:`ktlib.stats`) per configuration;

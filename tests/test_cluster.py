@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import ktlib.runs as R
+from ktlib.__main__ import main
 from ktlib.pool import JobsFailed
 from ktlib.runs import Run, grid, plan, run_id, train_missing
 from ktlib.train import KILL_HOOK
@@ -64,6 +65,15 @@ def test_a_grid_on_a_dask_cluster_gives_the_metrics_of_the_grid_in_process(mosi,
     _forbid_training_here(monkeypatch)
     on_cluster = _smoke_grid(mosi, tmp_path, scheduler=cluster.scheduler_address)
     pd.testing.assert_frame_equal(on_cluster, reference)
+
+
+def test_the_cli_grid_trains_on_the_cluster_given_with_scheduler(cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KTLIB_DATA_DIR", str(tmp_path / "data"))
+    _forbid_training_here(monkeypatch)
+    assert main(["grid", "--settings", "language_vision", "--seeds", "1", "--profile", "smoke", "--scale", "0.03",
+                 "--runs-dir", str(tmp_path / "runs"), "--quiet", "--scheduler", cluster.scheduler_address]) == 0
+    assert "language_vision" in capsys.readouterr().out
+    assert len(list((tmp_path / "runs").glob("*/metrics.json"))) == 1
 
 
 def _killed_run_resumed(armed: Path) -> Run:
