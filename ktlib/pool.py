@@ -57,6 +57,8 @@ def in_pool(fn, args: list[tuple], workers: int, what: str, progress: bool = Tru
     """
     if scheduler is None and (workers < 2 or len(args) < 2):
         return False
+    if not args:  # nothing to send: no need to reach the cluster
+        return True
     from tqdm.auto import tqdm
 
     names = names or [repr(a) for a in args]

@@ -120,6 +120,7 @@ def test_interrupted_run_resumes_to_the_same_result(mosi, tmp_path, monkeypatch)
     assert resumed.metrics["test"] == reference.metrics["test"]
     assert resumed.metrics["valid"] == reference.metrics["valid"]
     assert _without_time(resumed.history) == _without_time(reference.history)
+    assert resumed.metrics["resumed_at"] == [1] and reference.metrics["resumed_at"] == []
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "no_checksum"])
