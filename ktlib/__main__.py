@@ -133,7 +133,7 @@ def cmd_grid(args) -> int:
 
     data = _load(args)
     tidy = grid(data, args.settings, args.seeds, args.profile, runs_dir=args.runs_dir, force=args.force,
-                progress=not args.quiet)
+                progress=not args.quiet, workers=args.workers or None, scheduler=args.scheduler)
     print(f"{data.layout.name} [{data.kind}], profile {args.profile}, seeds {args.seeds}: test split, "
           f"mean ± std over seeds (accuracies and F1 in %)")
     table = compare_with_paper(summarize(tidy))
@@ -161,7 +161,7 @@ def cmd_transfer(args) -> int:
     data = _load(args)
     start = time.perf_counter()
     tidy = X.transfer_runs(data, cells, args.seeds, args.profile, workers=args.workers or None,
-                           progress=not args.quiet)
+                           progress=not args.quiet, scheduler=args.scheduler)
     print(f"{data.layout.name} [{data.kind}], profile {args.profile}, seeds {args.seeds}: "
           f"{tidy['run'].nunique()} runs ready in {time.perf_counter() - start:.0f} s")
     if args.out:
@@ -286,8 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_options(p, settings_many=False)
     p.set_defaults(func=cmd_train)
 
+    def add_where_options(p):
+        p.add_argument("--workers", type=int, default=0, help="training processes (0: automatic)")
+        p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="train on the Dask cluster at this address (tcp://host:8786) instead; needs "
+                            "pip install -e '.[cluster]', and the runs folder and data at the same paths there")
+
     p = sub.add_parser("grid", help="settings x seeds: mean +- std beside the paper's numbers")
     add_run_options(p, settings_many=True)
+    add_where_options(p)
     p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("transfer", help="when reconstruction helps: kt's targets vs language+vision and a placebo "
@@ -305,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controls", default="lambda=0,matched,audio_shared=0,train_scale=0.5",
                    help="controls, with the main kt variant (empty for none)")
     p.add_argument("--control-regime", default="default", help="the regime the controls vary (default: default)")
-    p.add_argument("--workers", type=int, default=0, help="training processes (0: automatic)")
+    add_where_options(p)
     p.add_argument("--runs-dir", default=None, help="run store (default runs/, or $KTLIB_RUNS_DIR)")
     p.add_argument("--out", default=None, help="also write the tidy table of every run to this CSV file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -327,12 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .pool import JobsFailed
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:  # our errors say what is wrong and what to do
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except JobsFailed as err:  # each failed run by id and configuration, with its error; the others finished
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

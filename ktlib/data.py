@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import pickle
+import uuid
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -222,7 +223,8 @@ class MultimodalData:
         """What another process needs to read the same data again (small and picklable): see :func:`from_recipe`."""
         if self.path is None:
             raise ValueError("this dataset was built in memory, not read from a file; save it and load it from there")
-        return {"path": str(self.path), "layout": self.layout.name, "sim_config": self.sim_config}
+        # absolute: a worker (a Dask worker on another machine, on a shared filesystem) has another working folder
+        return {"path": str(Path(self.path).resolve()), "layout": self.layout.name, "sim_config": self.sim_config}
 
     @property
     def kind(self) -> str:
@@ -491,11 +493,18 @@ def _sim_key(config: SimConfig) -> str:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write a file through ``write(binary_file)`` into a temporary name, then rename: never half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    """Write a file through ``write(binary_file)`` into a temporary name, then rename: never half a file.
+
+    The temporary name is unique, so processes (or machines, on a shared filesystem) that write the same file at
+    once never mix their bytes: the last rename wins, whole.
+    """
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with tmp.open("wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when write failed
 
 
 def simulation_cache_paths(config: SimConfig, cache_dir: str | Path | None = None) -> dict[str, Path]:

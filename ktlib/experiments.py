@@ -33,13 +33,13 @@ from .data import MultimodalData, atomic_write, from_recipe, load_simulated
 from .metrics import LOWER_IS_BETTER
 from .missing import RATES, Protocol, auilc
 from .model import SETTINGS  # the five settings of Tables I-III
+from .pool import in_pool, one_job
 from .runs import (
     Job,
     Run,
     data_label,
     default_runs_dir,
     default_workers,
-    in_pool,
     plan,
     read_jobs,
     run_id,
@@ -57,16 +57,19 @@ FAMILIES = {"consistency": CONSISTENCY, "targets": TARGETS,
             "lambda": {f"lambda={v:g}": {"lambda1": v, "lambda2": v} for v in LAMBDAS}}
 
 def main_runs(data: MultimodalData, seeds, profile_name: str, workers: int | None = None,
-              progress: bool = True) -> pd.DataFrame:
-    """The five settings x seeds (trained, or read back from the store): a tidy table."""
-    return run_jobs(plan(data, SETTINGS, seeds, profile_name), progress=progress, workers=workers)
+              progress: bool = True, scheduler: str | None = None) -> pd.DataFrame:
+    """The five settings x seeds (trained, or read back from the store): a tidy table.  ``workers``,
+    ``scheduler``: where the runs train (:func:`ktlib.runs.train_missing`), here and in every ``*_runs``."""
+    return run_jobs(plan(data, SETTINGS, seeds, profile_name), progress=progress, workers=workers,
+                    scheduler=scheduler)
 
 
 def ablation_runs(data: MultimodalData, seeds, profile_name: str, workers: int | None = None,
-                  progress: bool = True) -> dict[str, pd.DataFrame]:
+                  progress: bool = True, scheduler: str | None = None) -> dict[str, pd.DataFrame]:
     """Each ablation family (``FAMILIES``) of the kt model: family name -> tidy table (variant = the label)."""
     jobs = {name: plan(data, ["kt"], seeds, profile_name, variants) for name, variants in FAMILIES.items()}
-    train_missing([j for js in jobs.values() for j in js], progress=progress, workers=workers)  # all at once
+    train_missing([j for js in jobs.values() for j in js], progress=progress, workers=workers,
+                  scheduler=scheduler)  # all at once
     return {name: read_jobs(js) for name, js in jobs.items()}
 
 
@@ -249,17 +252,15 @@ def scores(run_dir: str | Path, data: MultimodalData, protocols, batch_size: int
 
 
 def _score_job(job: tuple) -> None:
-    """Score one run under several protocols in a worker process (see :func:`ktlib.runs.in_pool`)."""
-    import torch
-
+    """Score one run under several protocols in a worker process (see :func:`ktlib.pool.in_pool`)."""
     recipe, run_dir, protocols, threads = job
-    torch.set_num_threads(threads)
-    scores(run_dir, from_recipe(recipe), protocols)
+    with one_job(threads):
+        scores(run_dir, from_recipe(recipe), protocols)
 
 
 def robustness_runs(data: MultimodalData, seeds, profile_name: str, kinds=("fixed", "modality", "frame"),
                     phase: str = "test", rates=RATES, methods=tuple(METHODS), workers: int | None = None,
-                    progress: bool = True) -> pd.DataFrame:
+                    progress: bool = True, scheduler: str | None = None) -> pd.DataFrame:
     """Every method under every protocol of ``kinds`` and ``phase`` at every rate, over the seeds: a tidy table.
 
     ``phase="test"``: each method is trained once per seed on complete data (kt and the student simulate missing
@@ -280,15 +281,15 @@ def robustness_runs(data: MultimodalData, seeds, profile_name: str, kinds=("fixe
                     jobs.setdefault(rid, job)
                     if job.variant == method:
                         cells.append((method, protocol, job.train.seed, rid))
-    train_missing(list(jobs.values()), progress=progress, workers=workers)
-    folder = default_runs_dir()
+    train_missing(list(jobs.values()), progress=progress, workers=workers, scheduler=scheduler)
+    folder = default_runs_dir().resolve()
     scored: dict[str, list[Protocol]] = {}  # run id -> the protocols it is scored under (test-only runs)
     for _, protocol, _, rid in cells:
         if jobs[rid].train.protocol is None:
             scored.setdefault(rid, []).append(protocol)
     if data.path is not None:  # in worker processes, one run each
         in_pool(_score_job, [(data.recipe(), str(folder / rid), ps) for rid, ps in scored.items()], workers,
-                "runs scored", progress)
+                "runs scored", progress, scheduler)
     results = {rid: scores(folder / rid, data, ps) for rid, ps in scored.items()}  # read back (or computed here)
     rows = []
     for method, protocol, seed, rid in cells:
@@ -420,11 +421,11 @@ def _cell_jobs(data: MultimodalData, cell: Cell, seeds, profile_name: str) -> li
 
 
 def transfer_runs(data: MultimodalData, cells: dict[str, Cell], seeds, profile_name: str,
-                  workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+                  workers: int | None = None, progress: bool = True, scheduler: str | None = None) -> pd.DataFrame:
     """Every cell's baselines and kt variants over the seeds, trained together: a tidy table with a ``cell`` and a
     ``method`` column (the baseline's or kt variant's label)."""
     jobs = {name: _cell_jobs(data, cell, seeds, profile_name) for name, cell in cells.items()}
-    train_missing([j for js in jobs.values() for j in js], progress=progress, workers=workers)
+    train_missing([j for js in jobs.values() for j in js], progress=progress, workers=workers, scheduler=scheduler)
     tables = [read_jobs(js).assign(cell=name) for name, js in jobs.items()]
     tidy = pd.concat(tables, ignore_index=True)
     tidy["method"] = np.where(tidy["setting"] == "kt", "kt " + tidy["variant"], tidy["variant"])
@@ -677,11 +678,12 @@ def story_outcomes(tidy: pd.DataFrame, method: str | None = None, metrics=("mae"
 
 
 def main_variant_runs(data: MultimodalData, seeds, profile_name: str, workers: int | None = None,
-                      progress: bool = True) -> pd.DataFrame:
+                      progress: bool = True, scheduler: str | None = None) -> pd.DataFrame:
     """kt as :data:`MAIN_METHOD` on ``data`` itself (real or simulated; its target's run is trained first):
     the tidy table of :func:`ktlib.runs.run_jobs`, variant ``MAIN_METHOD`` without the ``"kt "``."""
     variants = transfer_variants((MAIN_TARGET,), (MAIN_SUPERVISION,))
-    return run_jobs(plan(data, ["kt"], seeds, profile_name, variants), progress=progress, workers=workers)
+    return run_jobs(plan(data, ["kt"], seeds, profile_name, variants), progress=progress, workers=workers,
+                    scheduler=scheduler)
 
 
 SHARED_VALUES = (0.0, 0.4, 0.8, 1.0)  # the simulator's audio_shared (0.8: its default)
@@ -689,12 +691,12 @@ SHARED_VALUES = (0.0, 0.4, 0.8, 1.0)  # the simulator's audio_shared (0.8: its d
 
 def shared_runs(data: MultimodalData, seeds, profile_name: str, values=SHARED_VALUES, regime: str = "default",
                 baselines=("language_vision", "full"), workers: int | None = None,
-                progress: bool = True) -> pd.DataFrame:
+                progress: bool = True, scheduler: str | None = None) -> pd.DataFrame:
     """``baselines`` and kt (:data:`MAIN_METHOD`; its target's run is trained in any case) at each
     ``audio_shared``, in ``regime``: the tidy table of :func:`transfer_runs` with an ``audio_shared`` column."""
     lv_full = {b: (b, {}) for b in baselines}
     cells = {f"audio_shared={v:g}": Cell(regime, {"audio_shared": float(v)}, lv_full,
                                          transfer_variants((MAIN_TARGET,), (MAIN_SUPERVISION,))) for v in values}
-    tidy = transfer_runs(data, cells, seeds, profile_name, workers, progress)
+    tidy = transfer_runs(data, cells, seeds, profile_name, workers, progress, scheduler)
     tidy["audio_shared"] = tidy["cell"].str.split("=").str[1].astype(float)
     return tidy

@@ -5,6 +5,8 @@ test, every metric), ``history.csv`` (one row per epoch), ``model.pt`` (the best
 with ``weights_only=True``) and ``environment.json`` (versions, device).  The id is readable and ends with a hash
 of the whole configuration, so any change of data, model or training gives a new run.  ``metrics.json`` is
 written last: a folder without it is an unfinished run, which :func:`load_or_train` resumes from ``last.pt``.
+Several processes or machines can share a store: one lock per run id (:func:`run_lock`) makes a run train once.
+:func:`train_missing` trains jobs in local processes or on a Dask cluster (``scheduler``, :mod:`ktlib.pool`).
 
 :func:`grid` runs settings x seeds (x variants for ablations) and returns a tidy table; :func:`summarize` gives
 mean and sample standard deviation (the workbook's one convention, :mod:`ktlib.stats`) per configuration;
@@ -37,9 +39,10 @@ import torch
 from . import __version__
 from .data import MultimodalData, atomic_write, from_recipe, project_root
 from .model import KTModel, ModelConfig, load_checkpoint, save_checkpoint
+from .pool import JobsFailed, in_pool, one_job
 from .specs import LAYOUTS
 from .stats import fmt_mean_std, seed_table
-from .train import PROFILES, TrainConfig, fit, profile
+from .train import PROFILES, FitResult, TrainConfig, fit, profile
 
 _REFERENCE = Path(__file__).with_name("reference")
 
@@ -107,35 +110,62 @@ class Run:
         return self.config["model"]["setting"]
 
 
+def run_lock(store: Path, rid: str):
+    """The lock of one run id in a run store, held while a process trains that run: another process, or another
+    machine on a shared filesystem with working locks (NFSv4, Lustre mounted with ``flock``), waits and then reads
+    the finished run.  An OS lock, so a process that dies (even by SIGKILL) releases it."""
+    from filelock import FileLock
+
+    locks = store / ".locks"  # beside the run folders, so that force=True can delete a run's folder under its lock
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(locks / f"{rid}.lock")
+
+
 def load_or_train(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData,
                   runs_dir: str | Path | None = None, force: bool = False, progress: bool = True) -> Run:
-    """The finished run of this configuration if there is one, else train it (resuming an interrupted run)."""
+    """The finished run of this configuration if there is one, else train it (resuming an interrupted run).
+
+    Safe for several processes or machines on one store: one lock per run id (:func:`run_lock`), so the run is
+    trained once and the others read it back; each file of a run is written whole (:func:`ktlib.data.atomic_write`).
+    """
     rid = run_id(model_cfg, train_cfg, data)
-    folder = Path(runs_dir) if runs_dir is not None else default_runs_dir()
-    folder = folder / rid
-    if force and folder.exists():
-        shutil.rmtree(folder)
-    if (folder / "metrics.json").exists():
+    store = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    folder = store / rid
+    if not force and (folder / "metrics.json").exists():
         return Run.load(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"model": model_cfg.to_dict(), "train": asdict(train_cfg), "data": data_descriptor(data)}
-    _write_json(folder / "config.json", config)
-    needed = {}  # the distillation teacher, kt's target run: finished runs of the same store
+    with run_lock(store, rid):
+        if force and folder.exists():
+            shutil.rmtree(folder)
+        if not (folder / "metrics.json").exists():  # else another process trained it while this one waited
+            needed = _needed_models(train_cfg, store)
+            folder.mkdir(parents=True, exist_ok=True)
+            config = {"model": model_cfg.to_dict(), "train": asdict(train_cfg), "data": data_descriptor(data)}
+            _write_json(folder / "config.json", config)
+            _write_run(folder, fit(model_cfg, train_cfg, data, run_dir=folder, progress=progress, **needed))
+    return Run.load(folder)
+
+
+def _needed_models(train_cfg: TrainConfig, store: Path) -> dict:
+    """The models a run is trained with, from finished runs of the same store: the distillation teacher, kt's
+    target run."""
+    needed = {}
     for role, rid_needed in (("teacher", train_cfg.teacher), ("audio_source", train_cfg.target_run)):
         if rid_needed:
-            source = folder.parent / rid_needed
+            source = store / rid_needed
             if not (source / "metrics.json").exists():
-                raise FileNotFoundError(f"the run {rid_needed} ({role}) is not finished in {folder.parent}; train it "
+                raise FileNotFoundError(f"the run {rid_needed} ({role}) is not finished in {store}; train it "
                                         f"first (train_missing trains the runs a job needs before the job)")
             needed[role] = Run.load(source).load_model()
-    result = fit(model_cfg, train_cfg, data, run_dir=folder, progress=progress, **needed)
+    return needed
+
+
+def _write_run(folder: Path, result: FitResult) -> None:
     save_checkpoint(folder / "model.pt", result.model, metrics=result.metrics)
-    pd.DataFrame(result.history).to_csv(folder / "history.csv", index=False)
+    atomic_write(folder / "history.csv", lambda f: pd.DataFrame(result.history).to_csv(f, index=False))
     _write_json(folder / "environment.json", environment())
     _write_json(folder / "metrics.json", result.metrics)  # last: marks the run finished
     for name in ("last.pt", "last.pt.sha256"):  # the resume state is no longer needed
         (folder / name).unlink(missing_ok=True)
-    return Run.load(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,11 +323,12 @@ def default_workers() -> int:
 
 
 def _train_job(job: tuple) -> str:
-    """Run one training job in a worker process and return its run folder."""
+    """Run one training job in a worker process (local or Dask) and return its run folder."""
     recipe, model_dict, train_dict, runs_dir, threads = job
-    torch.set_num_threads(threads)
-    data = from_recipe(recipe)
-    run = load_or_train(ModelConfig.from_dict(model_dict), TrainConfig(**train_dict), data, runs_dir, progress=False)
+    with one_job(threads):
+        data = from_recipe(recipe)
+        run = load_or_train(ModelConfig.from_dict(model_dict), TrainConfig(**train_dict), data, runs_dir,
+                            progress=False)
     return str(run.dir)
 
 
@@ -355,13 +386,18 @@ def plan(data: MultimodalData, settings, seeds, profile_name: str = "quick", var
 
 
 def train_missing(jobs: list[Job], runs_dir: str | Path | None = None, force: bool = False, progress: bool = True,
-                  workers: int | None = None) -> None:
+                  workers: int | None = None, scheduler: str | None = None) -> None:
     """Train the jobs not yet in the store, each once however many labels share it.
 
     ``workers`` training processes share them (``None``: :func:`default_workers`).  A worker uses
     ``cpu_count // workers`` threads; results can differ in the last digits with the number of threads.
+    ``scheduler``: the address of a Dask scheduler (``tcp://host:8786``) whose workers train them instead; the
+    runs folder and the data files must be at the same paths there (a shared filesystem).
+
+    Every job runs even when some fail; then :class:`ktlib.pool.JobsFailed` names each failed run (id and
+    configuration) with its error.
     """
-    folder = Path(runs_dir) if runs_dir is not None else default_runs_dir()
+    folder = (Path(runs_dir) if runs_dir is not None else default_runs_dir()).resolve()
     todo: dict[str, Job] = {}
     jobs = [need for job in jobs for need in job.needs] + list(jobs)  # the runs a job needs come first
     for job in jobs:
@@ -375,37 +411,38 @@ def train_missing(jobs: list[Job], runs_dir: str | Path | None = None, force: bo
         return (folder / rid / "metrics.json").exists()
 
     ready = {rid for rid, j in todo.items() if all(finished(n) for n in (j.train.teacher, j.train.target_run) if n)}
+    failures = []
     for first in (True, False):  # then the jobs (students, kt) whose needed runs train in the first round
-        _train_round([j for rid, j in todo.items() if (rid in ready) == first], folder, progress, workers)
+        round_jobs = [j for rid, j in todo.items() if (rid in ready) == first]
+        failures += _train_round(round_jobs, folder, progress, workers, scheduler)
+    if failures:
+        raise JobsFailed(failures) from failures[0][1]
 
 
-def _train_round(jobs: list[Job], folder: Path, progress: bool, workers: int) -> None:
-    parallel = [job for job in jobs if job.data.path is not None]
-    in_pool(_train_job, [(j.data.recipe(), j.model.to_dict(), asdict(j.train), str(folder)) for j in parallel],
-            workers, "runs", progress)
-    for job in jobs:  # what no worker took (e.g. data built in memory), in this process
-        load_or_train(job.model, job.train, job.data, folder, progress=progress)
+def job_name(job: Job) -> str:
+    """How a failure names a job: its run id, setting, label, seed and what differs from its profile."""
+    config = {"model": job.model.to_dict(), "train": asdict(job.train), "data": data_descriptor(job.data)}
+    return (f"run {run_id(job.model, job.train, job.data)} ({job.model.setting}, variant {job.variant!r}, "
+            f"seed {job.train.seed}; {config_label(config)})")
 
 
-def in_pool(fn, args: list[tuple], workers: int, what: str, progress: bool = True) -> bool:
-    """``fn((*arg, threads))`` for each arg in ``workers`` spawned processes sharing the CPU threads; False (and
-    nothing done) when there are fewer than two args or workers.  A failed call raises here with its error."""
-    if workers < 2 or len(args) < 2:
-        return False
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    from tqdm.auto import tqdm
-
-    workers = min(workers, len(args))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    # spawn, not fork: a forked copy of a process that already runs torch threads can deadlock
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(fn, (*a, threads)) for a in args]
-        for fut in tqdm(as_completed(futures), total=len(futures), desc=f"{len(futures)} {what}, {workers} workers",
-                        disable=not progress, leave=False):
-            fut.result()
-    return True
+def _train_round(jobs: list[Job], folder: Path, progress: bool, workers: int,
+                 scheduler: str | None) -> list[tuple[str, BaseException]]:
+    """Train ``jobs``: those whose data can travel as a recipe in worker processes or on the cluster, the others
+    (e.g. data built in memory) in this process.  Returns the failures, each named by :func:`job_name`."""
+    sent = [job for job in jobs if job.data.path is not None]
+    args = [(job.data.recipe(), job.model.to_dict(), asdict(job.train), str(folder)) for job in sent]
+    failures = []
+    try:
+        taken = in_pool(_train_job, args, workers, "runs", progress, scheduler, [job_name(j) for j in sent])
+    except JobsFailed as err:
+        taken, failures = True, err.failures
+    for job in [j for j in jobs if j.data.path is None] if taken else jobs:
+        try:
+            load_or_train(job.model, job.train, job.data, folder, progress=progress)
+        except Exception as err:  # noqa: BLE001 - reported with the run's name once every job has run
+            failures.append((job_name(job), err))
+    return failures
 
 
 def read_jobs(jobs: list[Job], runs_dir: str | Path | None = None) -> pd.DataFrame:
@@ -418,18 +455,20 @@ def read_jobs(jobs: list[Job], runs_dir: str | Path | None = None) -> pd.DataFra
 
 
 def run_jobs(jobs: list[Job], runs_dir: str | Path | None = None, force: bool = False, progress: bool = True,
-             workers: int | None = None) -> pd.DataFrame:
-    """Train what is missing (:func:`train_missing`), then read every job back (:func:`read_jobs`)."""
-    train_missing(jobs, runs_dir, force, progress, workers)
+             workers: int | None = None, scheduler: str | None = None) -> pd.DataFrame:
+    """Train what is missing (:func:`train_missing`, locally or on the Dask cluster at ``scheduler``), then read
+    every job back (:func:`read_jobs`)."""
+    train_missing(jobs, runs_dir, force, progress, workers, scheduler)
     return read_jobs(jobs, runs_dir)
 
 
 def grid(data: MultimodalData, settings, seeds, profile_name: str = "quick", variants: dict | None = None,
          runs_dir: str | Path | None = None, force: bool = False, progress: bool = True, workers: int | None = None,
-         **model_overrides) -> pd.DataFrame:
-    """Train (or read back) every setting x variant x seed: :func:`plan` then :func:`run_jobs`."""
+         scheduler: str | None = None, **model_overrides) -> pd.DataFrame:
+    """Train (or read back) every setting x variant x seed: :func:`plan` then :func:`run_jobs` (``scheduler``: a
+    Dask scheduler's address, see :func:`train_missing`)."""
     return run_jobs(plan(data, settings, seeds, profile_name, variants, **model_overrides), runs_dir, force,
-                    progress, workers)
+                    progress, workers, scheduler)
 
 
 _GROUP = ("dataset", "alignment", "data", "setting", "variant", "config")  # a configuration; its rows are seeds

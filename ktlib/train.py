@@ -6,8 +6,9 @@
   early stopping, and the best model by validation loss.  Mixed precision (bfloat16 autocast) on CUDA.
 - Validation and test batches never carry audio in the missing-audio settings: the model is selected and scored
   exactly as it will be used.
-- Checkpoints after every epoch hold the model, optimiser, scheduler, random state and history, so a run that is
-  killed resumes from its last finished epoch and ends where an uninterrupted run would (on the CPU).
+- Checkpoints after every epoch hold the model, optimiser, scheduler, random state (CPU and CUDA generators) and
+  history, so a run that is killed resumes from its last finished epoch and ends where an uninterrupted run would
+  (on the CPU); its metrics list the epochs it resumed at (``resumed_at``, empty for a run never interrupted).
 - Profiles (``smoke`` / ``quick`` / ``paper``) are named bundles of model and training settings: see ``PROFILES``.
 
 Missing data beyond the paper (``TrainConfig``)
@@ -25,7 +26,9 @@ Missing data beyond the paper (``TrainConfig``)
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,11 +220,29 @@ def load_state(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path} could not be read ({type(err).__name__}: {err}); {hint}") from err
 
 
+KILL_HOOK = "KTLIB_TEST_KILL_AFTER_CHECKPOINT"
+
+
+def _kill_hook(checkpoint: Path) -> None:
+    """Test hook (tests/test_cluster.py): when ``$KTLIB_TEST_KILL_AFTER_CHECKPOINT`` names a file that exists, the
+    first process to write a checkpoint after it appeared deletes it, leaves ``<file>.killed`` naming the run
+    folder, and SIGKILLs itself: a worker dies mid-run, once, at a known point, to show that no run is lost."""
+    armed = os.environ.get(KILL_HOOK)
+    if not armed:
+        return
+    try:
+        os.unlink(armed)  # exactly one process succeeds
+    except FileNotFoundError:
+        return
+    Path(armed + ".killed").write_text(str(checkpoint.parent))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 @dataclass
 class FitResult:
     model: KTModel
     history: list[dict]  # one row per epoch
-    metrics: dict  # {"valid": {...}, "test": {...}, "best_epoch": int, "seconds": float, "device": str}
+    metrics: dict  # {"valid": {...}, "test": {...}, "best_epoch": int, "resumed_at": [int], "seconds": float, ...}
 
 
 def train_keep(train_cfg: TrainConfig, n: int, epoch: int) -> np.ndarray | None:
@@ -290,7 +311,7 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, ru
 
     history: list[dict] = []
     best = {"loss": float("inf"), "epoch": -1, "state": None}
-    start_epoch, seconds = 0, 0.0
+    start_epoch, seconds, resumed = 0, 0.0, []  # resumed: the epochs at which an interrupted run went on
     last_path = Path(run_dir) / "last.pt" if run_dir is not None else None
     if last_path is not None:
         last_path.parent.mkdir(parents=True, exist_ok=True)
@@ -301,7 +322,10 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, ru
             if sched is not None:
                 sched.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["rng"].cpu())
+            if state.get("cuda_rng"):
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
             history, start_epoch, seconds = state["history"], state["epoch"] + 1, state["seconds"]
+            resumed = [*state.get("resumed_at", []), start_epoch]
             best = {"loss": state["best_loss"], "epoch": state["best_epoch"], "state": state["best_model"]}
 
     from tqdm.auto import tqdm
@@ -360,9 +384,12 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, ru
         if last_path is not None:
             save_state(last_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                    "scheduler": sched.state_dict() if sched is not None else {},
-                                   "rng": torch.get_rng_state(), "history": history, "epoch": epoch,
-                                   "seconds": seconds, "best_loss": best["loss"], "best_epoch": best["epoch"],
+                                   "rng": torch.get_rng_state(),
+                                   "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                                   "history": history, "epoch": epoch, "seconds": seconds, "resumed_at": resumed,
+                                   "best_loss": best["loss"], "best_epoch": best["epoch"],
                                    "best_model": best["state"]})
+            _kill_hook(last_path)
         if train_cfg.early_stop and stale >= train_cfg.early_stop:
             break
     bar.close()
@@ -371,6 +398,6 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, ru
     valid_loss, valid_metrics, _ = evaluate(model, valid_loader, device, amp, protocol, "valid")
     test_loss, test_metrics, _ = evaluate(model, test_loader, device, amp, protocol, "test")
     result = {"valid": {"loss": valid_loss, **valid_metrics}, "test": {"loss": test_loss, **test_metrics},
-              "best_epoch": best["epoch"], "epochs_run": len(history), "seconds": seconds, "device": str(device),
-              "synthetic": data.synthetic}
+              "best_epoch": best["epoch"], "epochs_run": len(history), "resumed_at": resumed, "seconds": seconds,
+              "device": str(device), "synthetic": data.synthetic}
     return FitResult(model=model.cpu(), history=history, metrics=result)

@@ -120,6 +120,7 @@ def test_interrupted_run_resumes_to_the_same_result(mosi, tmp_path, monkeypatch)
     assert resumed.metrics["test"] == reference.metrics["test"]
     assert resumed.metrics["valid"] == reference.metrics["valid"]
     assert _without_time(resumed.history) == _without_time(reference.history)
+    assert resumed.metrics["resumed_at"] == [1] and reference.metrics["resumed_at"] == []
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "no_checksum"])
@@ -192,7 +193,7 @@ def test_grid_summary_and_paper_comparison(mosi, tmp_path):
 def test_grid_trains_each_run_once_in_worker_processes_and_reads_it_back(mosi, tmp_path):
     variants = {"L2": {}, "same as L2": {}, "L1": {"consistency": "l1"}}
     tidy = grid(mosi, ["kt"], [1], "smoke", variants=variants, runs_dir=tmp_path, progress=False, workers=2)
-    folders = sorted(tmp_path.iterdir())
+    folders = sorted(tmp_path.glob("[!.]*"))  # the run folders, not the store's .locks
     # two labels with the same configuration share one run; both kt runs take their target from one full run
     assert len(folders) == 3 and sum("-full-" in f.name for f in folders) == 1
     assert all((f / "metrics.json").is_file() and (f / "model.pt").is_file() for f in folders)
@@ -236,7 +237,7 @@ def test_cli_train_prints_metrics_and_reuses_the_run(tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     assert "[synthetic (simulator)]" in out and "mae" in out and "acc2_non0" in out
     assert main(args) == 0  # second time: loaded from the store
-    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    runs = sorted(p.name for p in (tmp_path / "runs").glob("[!.]*"))  # the run folders, not .locks
     assert len(runs) == 2 and "-full-" in runs[0] and "-kt-" in runs[1]  # kt's target comes from the full run
     assert main(["table", "--runs-dir", str(tmp_path / "runs")]) == 0
     table = capsys.readouterr().out
@@ -262,7 +263,7 @@ def test_cli_trains_on_the_real_utterance_level_mosi_file(mosi_fixture_path, tmp
                  "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "mosi_utterance-kt-seed1-" in out and "[real]" in out
-    run = Run.load(next(tmp_path.iterdir()))
+    run = Run.load(next(tmp_path.glob("*-kt-*")))
     assert run.config["data"]["synthetic"] is False and run.config["data"]["file"] == mosi_fixture_path.name
     assert np.isfinite(run.metrics["test"]["mae"])
 
