@@ -76,36 +76,33 @@ def synthetic_batch(cfg, batch_size: int, seed: int = 0):
     return batch
 
 
-class _Clock:
-    """Seconds per call of ``step`` (median after warm-up) and peak memory, on ``device``."""
+def _time(step, steps: int, warmup: int, device) -> tuple[list[float], float]:
+    """Seconds of each of ``steps`` calls of ``step`` after ``warmup`` untimed ones, and the peak memory (MB).
 
-    def __init__(self, device):
-        self.device = device
+    CUDA: synchronised before every clock reading, peak ``max_memory_allocated``; CPU: growth of the process's
+    peak resident set from just before the first call.
+    """
+    import torch
 
-    def sync(self):
-        import torch
-
-        if self.device.type == "cuda":
+    def sync():
+        if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def run(self, step, steps: int, warmup: int) -> tuple[list[float], float]:
-        import torch
-
-        base = _rss_mb()
-        for _ in range(warmup):
-            step()
-        self.sync()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            step()
-            self.sync()
-            times.append(time.perf_counter() - t0)
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
-        return times, peak
+    base = _rss_mb()
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+    return times, peak
 
 
 def measure_step(case: str, steps: int = 5, warmup: int = 2, device: str = "auto") -> dict:
@@ -128,10 +125,10 @@ def measure_step(case: str, steps: int = 5, warmup: int = 2, device: str = "auto
     model = KTModel(cfg)
     model.load_audio_encoder(KTModel(ModelConfig.for_layout("mosi", alignment, setting="full", **settings)))
     model = model.to(dev).train()
-    lr = train.PROFILES[profile].train.get("lr", 1e-3)
+    train_cfg = train.TrainConfig(**train.PROFILES[profile].train)
     # trees before the fused optimiser have no make_optimizer: their fit used plain Adam
     make_optimizer = getattr(train, "make_optimizer", lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr))
-    opt = make_optimizer(model, lr)
+    opt = make_optimizer(model, train_cfg.lr)
     batch = {k: v.to(dev) for k, v in synthetic_batch(cfg, batch_size).items()}
 
     def step():
@@ -140,10 +137,10 @@ def measure_step(case: str, steps: int = 5, warmup: int = 2, device: str = "auto
             loss = train.task_loss(out, batch["y"], cfg.task) + model.consistency_term(details)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.8)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip)
         opt.step()
 
-    times, peak = _Clock(dev).run(step, steps, warmup)
+    times, peak = _time(step, steps, warmup, dev)
     return {"case": case, "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "ms": 1000 * statistics.median(times), "ms_all": [1000 * t for t in times], "peak_mb": peak,
             "batch_size": batch_size}
@@ -182,7 +179,7 @@ def measure(alignment: str, setting: str, variant: str, batch_size: int, steps: 
             model(batch)
 
     step = train_step if mode == "train" else eval_step  # one mode per process: its peak memory is its own
-    times, peak = _Clock(dev).run(step, steps, warmup=1)
+    times, peak = _time(step, steps, 1, dev)
     sec = statistics.median(times)
     return {"alignment": alignment, "setting": setting, "variant": variant, "device": str(dev), f"{mode}_s": sec,
             f"{mode}_samples_per_s": batch_size / sec, f"{mode}_peak_mb": peak}
