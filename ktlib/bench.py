@@ -224,18 +224,20 @@ def compare(other: Path, cases, rounds: int, steps: int, warmup: int, device: st
         pairs = []
         for r in range(rounds):
             if r % 2 == 0:
-                o = measure_step_in(other, case, steps, warmup, device)["ms"]
-                h = measure_step_in(here, case, steps, warmup, device)["ms"]
+                o = measure_step_in(other, case, steps, warmup, device)
+                h = measure_step_in(here, case, steps, warmup, device)
             else:
-                h = measure_step_in(here, case, steps, warmup, device)["ms"]
-                o = measure_step_in(other, case, steps, warmup, device)["ms"]
+                h = measure_step_in(here, case, steps, warmup, device)
+                o = measure_step_in(other, case, steps, warmup, device)
             pairs.append((o, h))
-            print(f"  {case:16s} round {r + 1}: {other.name} {o:9.1f} ms   {here.name} {h:9.1f} ms   "
-                  f"ratio {o / h:5.2f}", flush=True)
-        ratios = [o / h for o, h in pairs]
-        rows.append({"case": case, "other_ms": statistics.median(o for o, _ in pairs),
-                     "this_ms": statistics.median(h for _, h in pairs), "ratio": statistics.median(ratios),
-                     "ratio_min": min(ratios), "ratio_max": max(ratios), "rounds": rounds})
+            print(f"  {case:16s} round {r + 1}: {other.name} {o['ms']:9.1f} ms   {here.name} {h['ms']:9.1f} ms   "
+                  f"ratio {o['ms'] / h['ms']:5.2f}", flush=True)
+        ratios = [o["ms"] / h["ms"] for o, h in pairs]
+        row = {"case": case, "rounds": rounds, "ratio": statistics.median(ratios), "ratio_min": min(ratios),
+               "ratio_max": max(ratios)}
+        for i, who in enumerate(("other", "this")):  # each tree's median over rounds
+            row.update({f"{who}_{key}": statistics.median(pair[i][key] for pair in pairs) for key in ("ms", "peak_mb")})
+        rows.append(row)
     return rows
 
 
@@ -313,7 +315,8 @@ def main(argv=None) -> int:
         print(f"paired, {args.rounds} rounds; ratio = {other.name} / this tree (median [min, max] over rounds):")
         for r in rows:
             print(f"  {r['case']:16s} {other.name} {r['other_ms']:9.1f} ms/step   this {r['this_ms']:9.1f} ms/step   "
-                  f"ratio {r['ratio']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]")
+                  f"ratio {r['ratio']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]   "
+                  f"peak {r['other_peak_mb']:.0f} vs {r['this_peak_mb']:.0f} MB")
         return 0
     for case in args.cases:
         r = run_isolated(measure_step, case, args.steps, args.warmup, args.device)
