@@ -24,7 +24,7 @@ help:
 	@echo "make reproduce   run every notebook in order on the built-in (simulated) data (PROFILE=quick|smoke|paper)"
 	@echo "make test        run the test suite"
 	@echo "make browser-test  open a notebook in JupyterLab in headless Chromium, run it, save a screenshot"
-	@echo "make bench       time and memory of every setting and attention path on this device"
+	@echo "make bench       ms per training step (quick, paper aligned and unaligned) and peak memory on this device"
 	@echo "make lab         open JupyterLab with the project's kernel"
 	@echo "make lint        ruff on code and notebooks"
 	@echo "make clean       remove caches, runs and generated figures (keeps .venv and data)"

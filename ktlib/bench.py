@@ -1,31 +1,56 @@
-"""Benchmark: time per batch, samples per second and peak memory of every setting, on the current device.
+"""Benchmark: time and peak memory of a training step, on CUDA when present and on the CPU otherwise.
 
-``python -m ktlib.bench`` (or ``make bench``) measures MOSI-shaped batches (aligned and unaligned) at the paper's
-MOSI configuration (d=40, 4 layers, 10 heads, batch 24, dropouts on) with three attention paths:
+``python -m ktlib.bench`` (``make bench``) times the training step of :func:`ktlib.train.fit` (forward pass, task and
+consistency losses, backward pass, gradient clipping, optimiser step) of a ``kt`` model on synthetic MOSI-shaped
+batches, in three cases (``STEPS``):
+
+- ``quick``:            the ``quick`` profile (d=16, one layer per stack), word-aligned shapes, batch 48;
+- ``paper-aligned``:    the paper's MOSI configuration (d=40, 4 layers, 10 heads, every dropout on), aligned, batch 24;
+- ``paper-unaligned``:  the same on unaligned shapes (l, a, v: 50, 375, 500 steps), batch 24.
+
+Each case runs in a fresh process: ms per step is the median of ``--steps`` steps after ``--warmup`` warm-up
+steps; peak memory is CUDA's ``max_memory_allocated`` or, on the CPU, the growth of the process's peak resident set
+from just before the first step.  On CUDA the step runs under bfloat16 autocast, as ``fit`` does, and the device
+is synchronised before every clock reading.  Figures are printed, never asserted.
+
+``--compare PATH`` times the same steps of another checkout of this project (say a git worktree of an older
+commit) against this one: fresh processes alternate between the two trees (A B, then B A, ...), each importing
+its own ``ktlib``, and the ratio PATH / this tree is taken round by round, so a machine whose speed drifts still
+gives a fair ratio.
+
+``--table``: time per batch of every setting with three attention paths (train and eval, batch 24, paper
+configuration, aligned and unaligned; about 12 minutes on a 2-core CPU):
 
 - ``reference``: explicit ``softmax(QK^T / sqrt(d_k)) V`` with dropout on the attention weights;
 - ``fused``: PyTorch's ``scaled_dot_product_attention`` with the same dropout on the weights;
 - ``fused+keydrop``: the fused kernel with attention dropout applied to whole keys per sample and head.
 
-Each measurement (setting x path x train/eval) runs in a fresh process, so its peak memory is its own (CUDA:
-``max_memory_allocated``; CPU: growth of the process's peak resident set from just before the first step).
-Figures are printed, never asserted.  On a 2-core CPU the whole run takes about 12 minutes, most of it in the
-reference path on unaligned shapes; ``--alignments aligned`` or ``--variants fused`` make it shorter.
+This file imports ``ktlib`` by absolute name inside its functions (never at the top), so that ``--compare`` can
+run it against another tree's ``ktlib``; only names that ``ktlib`` has had since the first benchmark are used.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 VARIANTS = {
     "reference": dict(attn_impl="reference", attn_dropout_on="weights"),
     "fused": dict(attn_impl="fused", attn_dropout_on="weights"),
     "fused+keydrop": dict(attn_impl="fused", attn_dropout_on="keys"),
+}
+STEPS = {  # case -> (training profile whose model settings are used, alignment, batch size)
+    "quick": ("quick", "aligned", 48),
+    "paper-aligned": ("paper", "aligned", 24),
+    "paper-unaligned": ("paper", "unaligned", 24),
 }
 
 
@@ -51,6 +76,76 @@ def synthetic_batch(cfg, batch_size: int, seed: int = 0):
     return batch
 
 
+def _time(step, steps: int, warmup: int, device) -> tuple[list[float], float]:
+    """Seconds of each of ``steps`` calls of ``step`` after ``warmup`` untimed ones, and the peak memory (MB).
+
+    CUDA: synchronised before every clock reading, peak ``max_memory_allocated``; CPU: growth of the process's
+    peak resident set from just before the first call.
+    """
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    base = _rss_mb()
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+    return times, peak
+
+
+def measure_step(case: str, steps: int = 5, warmup: int = 2, device: str = "auto") -> dict:
+    """ms per training step of case ``case`` of ``STEPS`` (median of ``steps`` after ``warmup``), peak memory.
+
+    The step is ``fit``'s: the model reads its consistency target from an audio projection (``kt_target="run"``,
+    taken here from a fresh ``full`` model), and the optimiser is the one ``fit`` builds.  Call it in a fresh
+    process (:func:`run_isolated`) for the peak memory to be the step's own.
+    """
+    import torch
+
+    from ktlib import train
+    from ktlib.model import KTModel, ModelConfig
+
+    profile, alignment, batch_size = STEPS[case]
+    dev = train.pick_device(device)
+    settings = train.PROFILES[profile].model
+    torch.manual_seed(0)
+    cfg = ModelConfig.for_layout("mosi", alignment, setting="kt", **settings)
+    model = KTModel(cfg)
+    model.load_audio_encoder(KTModel(ModelConfig.for_layout("mosi", alignment, setting="full", **settings)))
+    model = model.to(dev).train()
+    train_cfg = train.TrainConfig(**train.PROFILES[profile].train)
+    # trees before the fused optimiser have no make_optimizer: their fit used plain Adam
+    make_optimizer = getattr(train, "make_optimizer", lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr))
+    opt = make_optimizer(model, train_cfg.lr)
+    batch = {k: v.to(dev) for k, v in synthetic_batch(cfg, batch_size).items()}
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            out, details = model(batch, return_details=True)
+            loss = train.task_loss(out, batch["y"], cfg.task) + model.consistency_term(details)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip)
+        opt.step()
+
+    times, peak = _time(step, steps, warmup, dev)
+    return {"case": case, "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "ms": 1000 * statistics.median(times), "ms_all": [1000 * t for t in times], "peak_mb": peak,
+            "batch_size": batch_size}
+
+
 def measure(alignment: str, setting: str, variant: str, batch_size: int, steps: int, device: str,
             mode: str) -> dict:
     """Seconds per ``mode`` (train | eval) step, median of ``steps`` after one warm-up; samples/s; peak memory.
@@ -60,8 +155,8 @@ def measure(alignment: str, setting: str, variant: str, batch_size: int, steps: 
     """
     import torch
 
-    from .model import KTModel, ModelConfig
-    from .train import pick_device, task_loss
+    from ktlib.model import KTModel, ModelConfig
+    from ktlib.train import pick_device, task_loss
 
     dev = pick_device(device)
     torch.manual_seed(0)
@@ -69,10 +164,6 @@ def measure(alignment: str, setting: str, variant: str, batch_size: int, steps: 
     model = KTModel(cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     batch = {k: v.to(dev) for k, v in synthetic_batch(cfg, batch_size).items()}
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
 
     def train_step():
         model.train()
@@ -87,68 +178,88 @@ def measure(alignment: str, setting: str, variant: str, batch_size: int, steps: 
         with torch.no_grad():
             model(batch)
 
-    result = {"alignment": alignment, "setting": setting, "variant": variant, "device": str(dev)}
     step = train_step if mode == "train" else eval_step  # one mode per process: its peak memory is its own
-    base = _rss_mb()
-    step()  # warm-up
-    sync()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times, peak = _time(step, steps, 1, dev)
     sec = statistics.median(times)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
-    result.update({f"{mode}_s": sec, f"{mode}_samples_per_s": batch_size / sec, f"{mode}_peak_mb": peak})
-    return result
+    return {"alignment": alignment, "setting": setting, "variant": variant, "device": str(dev), f"{mode}_s": sec,
+            f"{mode}_samples_per_s": batch_size / sec, f"{mode}_peak_mb": peak}
 
 
-def _child(args, queue):
-    queue.put(measure(*args))
+def _child(fn, args, queue):
+    queue.put(fn(*args))
 
 
-def run_isolated(*args) -> dict:
+def run_isolated(fn, *args) -> dict:
+    """``fn(*args)`` in a fresh (spawned) process of this tree."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(args, queue))
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
     proc.start()
     result = queue.get()
     proc.join()
     return result
 
 
-def main(argv=None) -> int:
-    import pandas as pd
+# A fresh interpreter that runs this file's measure_step against the ktlib of its working directory.
+_TREE_CHILD = ("import json, runpy, sys; "
+               "print(json.dumps(runpy.run_path(sys.argv[1])['measure_step'](*json.loads(sys.argv[2]))))")
+
+
+def measure_step_in(tree: Path, case: str, steps: int, warmup: int, device: str) -> dict:
+    """:func:`measure_step` in a fresh process that imports the ``ktlib`` of checkout ``tree``."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run([sys.executable, "-c", _TREE_CHILD, __file__, json.dumps([case, steps, warmup, device])],
+                          cwd=tree, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"timing {case} in {tree} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return dict(result, tree=str(tree))
+
+
+def compare(other: Path, cases, rounds: int, steps: int, warmup: int, device: str) -> list[dict]:
+    """Rounds of paired measurements, ``other`` vs this tree, alternating which goes first; one row per case."""
+    here = Path(__file__).resolve().parent.parent
+    rows = []
+    for case in cases:
+        pairs = []
+        for r in range(rounds):
+            if r % 2 == 0:
+                o = measure_step_in(other, case, steps, warmup, device)
+                h = measure_step_in(here, case, steps, warmup, device)
+            else:
+                h = measure_step_in(here, case, steps, warmup, device)
+                o = measure_step_in(other, case, steps, warmup, device)
+            pairs.append((o, h))
+            print(f"  {case:16s} round {r + 1}: {other.name} {o['ms']:9.1f} ms   {here.name} {h['ms']:9.1f} ms   "
+                  f"ratio {o['ms'] / h['ms']:5.2f}", flush=True)
+        ratios = [o["ms"] / h["ms"] for o, h in pairs]
+        row = {"case": case, "rounds": rounds, "ratio": statistics.median(ratios), "ratio_min": min(ratios),
+               "ratio_max": max(ratios)}
+        for i, who in enumerate(("other", "this")):  # each tree's median over rounds
+            row.update({f"{who}_{key}": statistics.median(pair[i][key] for pair in pairs) for key in ("ms", "peak_mb")})
+        rows.append(row)
+    return rows
+
+
+def _device_name(device: str) -> str:
     import torch
 
-    from .model import SETTINGS
+    if torch.cuda.is_available() and device != "cpu":
+        return torch.cuda.get_device_name(0)
+    return f"CPU, {torch.get_num_threads()} threads"
 
-    parser = argparse.ArgumentParser(prog="python -m ktlib.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--alignments", nargs="+", default=["aligned", "unaligned"], choices=["aligned", "unaligned"])
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--batch-size", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement (median reported)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    args = parser.parse_args(argv)
 
-    device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else (
-        f"CPU, {torch.get_num_threads()} threads")
-    print(f"ktlib benchmark: MOSI shapes, paper config (d=40, 4 layers, 10 heads), batch {args.batch_size}, "
-          f"dropouts on; device: {device_name}; torch {torch.__version__}", flush=True)
+def _table(args) -> None:
+    import pandas as pd
+
     rows = []
     for alignment in args.alignments:
         for setting in args.settings:
             for variant in args.variants:
                 row = {}
                 for mode in ("train", "eval"):
-                    row.update(run_isolated(alignment, setting, variant, args.batch_size, args.steps, args.device,
-                                            mode))
+                    row.update(run_isolated(measure, alignment, setting, variant, args.batch_size, args.steps,
+                                            args.device, mode))
                 rows.append(row)
                 print(f"  {alignment:9s} {setting:16s} {variant:14s} train {row['train_s']:7.3f} s/batch  "
                       f"eval {row['eval_s']:7.3f} s/batch  peak {row['train_peak_mb']:8.1f} MB", flush=True)
@@ -162,6 +273,56 @@ def main(argv=None) -> int:
                                                  else [])
     with pd.option_context("display.width", 220, "display.max_columns", 20, "display.precision", 3):
         print(table[cols].to_string(index=False))
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from ktlib.model import SETTINGS
+
+    parser = argparse.ArgumentParser(prog="python -m ktlib.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(STEPS), choices=list(STEPS), help="training steps to time")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per measurement, median reported (default 5; 3 with --table)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--compare", type=Path, default=None, metavar="PATH",
+                        help="another checkout of this project: time its steps against this tree's, paired")
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds per case with --compare")
+    parser.add_argument("--table", action="store_true", help="every setting x attention path, train and eval")
+    parser.add_argument("--alignments", nargs="+", default=["aligned", "unaligned"], choices=["aligned", "unaligned"])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--batch-size", type=int, default=24, help="batch size of --table")
+    args = parser.parse_args(argv)
+
+    if args.table:
+        args.steps = args.steps or 3
+        print(f"ktlib benchmark: MOSI shapes, paper config (d=40, 4 layers, 10 heads), batch {args.batch_size}, "
+              f"dropouts on; device: {_device_name(args.device)}; torch {torch.__version__}", flush=True)
+        _table(args)
+        return 0
+    args.steps = args.steps or 5
+    print(f"ktlib benchmark: kt training step (forward, losses, backward, clipping, optimiser), median of "
+          f"{args.steps} steps after {args.warmup}; device: {_device_name(args.device)}; torch {torch.__version__}",
+          flush=True)
+    if args.compare is not None:
+        other = args.compare.resolve()
+        if not (other / "ktlib" / "model.py").is_file():
+            parser.error(f"--compare {other}: no ktlib/model.py there (give the root of a checkout)")
+        rows = compare(other, args.cases, args.rounds, args.steps, args.warmup, args.device)
+        print(f"paired, {args.rounds} rounds; ratio = {other.name} / this tree (median [min, max] over rounds):")
+        for r in rows:
+            print(f"  {r['case']:16s} {other.name} {r['other_ms']:9.1f} ms/step   this {r['this_ms']:9.1f} ms/step   "
+                  f"ratio {r['ratio']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]   "
+                  f"peak {r['other_peak_mb']:.0f} vs {r['this_peak_mb']:.0f} MB")
+        return 0
+    for case in args.cases:
+        r = run_isolated(measure_step, case, args.steps, args.warmup, args.device)
+        profile, alignment, batch_size = STEPS[case]
+        print(f"  {case:16s} ({profile} profile, {alignment}, batch {batch_size})  {r['ms']:9.1f} ms/step  "
+              f"(min {min(r['ms_all']):.1f}, max {max(r['ms_all']):.1f})  peak {r['peak_mb']:8.1f} MB", flush=True)
     return 0
 
 

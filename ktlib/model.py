@@ -267,23 +267,35 @@ class ModalityProjection(nn.Module):
         self.conv = nn.Conv1d(in_dim, d, kernel_size=kernel, padding=kernel // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x.transpose(1, 2)).transpose(1, 2)  # (B, D, T) -> (B, d, T) -> (B, T, d)
+        # contiguous: a transposed view would make every later LayerNorm and Linear of the stream copy it first
+        return self.conv(x.transpose(1, 2)).transpose(1, 2).contiguous()  # (B, D, T) -> (B, d, T) -> (B, T, d)
 
 
 class SinusoidalPositions(nn.Module):
-    """Fixed position codes: sin on even and cos on odd channels at geometric frequencies, (T,) -> (T, d)."""
+    """Fixed position codes: sin on even and cos on odd channels at geometric frequencies, (T,) -> (T, d).
+
+    The codes are computed once per (length, device, dtype) and reused (a plain cache, not a buffer: checkpoints
+    hold no position codes).
+    """
 
     def __init__(self, d: int):
         super().__init__()
         self.d = d
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def forward(self, length: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        key = (length, torch.device(device or "cpu"), dtype)
+        if key not in self._cache:
+            self._cache[key] = self._codes(length, device).to(dtype)
+        return self._cache[key]  # (T, d)
+
+    def _codes(self, length: int, device=None) -> torch.Tensor:
         pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]  # (T, 1)
         freq = torch.exp(torch.arange(0, self.d, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / self.d))
         codes = torch.zeros(length, self.d, device=device)
         codes[:, 0::2] = torch.sin(pos * freq)
         codes[:, 1::2] = torch.cos(pos * freq[: self.d // 2])
-        return codes.to(dtype)  # (T, d)
+        return codes  # (T, d)
 
 
 def causal_mask(t: int, s: int, device=None) -> torch.Tensor:
@@ -351,15 +363,136 @@ def pool_onto(values: torch.Tensor, value_pad: torch.Tensor, anchor_pad: torch.T
     return (match @ values) / count.clamp_min(1), count[..., 0] > 0
 
 
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout``'s semantics (zero each element with probability p, scale the others by 1 / (1 - p)), with
+    cheaper random numbers on the CPU.
+
+    On the CPU, ``F.dropout`` draws one double per element (``bernoulli_``) and was the largest single cost of a
+    training step.  Here one 64-bit draw of torch's generator gives four 16-bit integers u, and an element is
+    dropped when u falls in the lowest ``round(p * 2**16)`` of the 2**16 values: p is rounded to a multiple of
+    2**-16 (0.1 -> 0.100006).  Same seed, same mask; the random stream differs from ``F.dropout``'s.  Elsewhere
+    (CUDA), ``F.dropout``'s fused kernel is used as it is.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, training)
+    return x * dropout_mask(x.shape, p).to(x.dtype)
+
+
+def dropout_mask(shape, p: float) -> torch.Tensor:
+    """A CPU float mask for :func:`dropout`: 0 with probability p (to 2**-16), else 1 / (1 - p); shape ``shape``."""
+    n = math.prod(shape)
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, None)  # every 64-bit value equally likely
+    u = bits.view(torch.int16)[:n].view(shape).float()  # integers in [-2**15, 2**15), exact in float32
+    cut = round(p * 2**16) - 2**15  # dropped: u < cut
+    # float arithmetic instead of a comparison (vectorised, no bool -> float cast): u - cut + 1 is >= 1 where kept,
+    # <= 0 where dropped, so the clamp gives 1 or 0
+    return u.sub_(cut - 1).clamp_(0.0, 1.0).mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` through :func:`dropout` (the same rate at the same place; cheaper random numbers on the CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+class AttentionMask:
+    """Which keys each query may not see, built once per stack of layers and shared by them.
+
+    ``blocked`` (1|B, 1|H, T|1, S) bool, True where attention is not allowed: ``key_padding_mask`` (B, S) and
+    ``attn_mask`` (T, S) or (B, T, S) together.  ``empty`` (1|B, 1|H, T|1, 1): queries that may see no key; their
+    rows attend over every key (no NaN) and their result is zeroed.  ``bias(dtype)``: the same as an additive
+    mask (0 or -inf, empty rows open), what the fused kernel reads; made once per dtype (the kernel would otherwise
+    turn a bool mask into it in every layer).  ``chunks``: optional row ranges [a, b) whose queries see no key
+    from b on, so that the fused kernel can leave those keys out (:meth:`causal_real_first`).
+    """
+
+    def __init__(self, blocked: torch.Tensor, chunks: tuple[tuple[int, int], ...] = ()):
+        self.blocked, self.chunks = blocked, chunks
+        self.empty = blocked.all(-1, keepdim=True)
+        # whether any row is empty: asked once on the CPU (no device sync there), so that layers skip the zeroing
+        self.has_empty = blocked.device.type != "cpu" or bool(self.empty.any())
+        self._bias: dict[torch.dtype, torch.Tensor] = {}
+
+    @classmethod
+    def build(cls, key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None) -> AttentionMask | None:
+        blocked = None
+        if key_padding_mask is not None:
+            blocked = key_padding_mask[:, None, None, :]  # (B, 1, 1, S)
+        if attn_mask is not None:
+            am = attn_mask[None, None] if attn_mask.dim() == 2 else attn_mask[:, None]  # (1|B, 1, T, S)
+            blocked = am if blocked is None else blocked | am
+        return None if blocked is None else cls(blocked)
+
+    @classmethod
+    def causal_real_first(cls, real: torch.Tensor, t: int, chunk: int) -> AttentionMask:
+        """Causal self-attention over sequences whose ``real`` (B, 1) real frames come first, padding after: row i
+        sees key j when j <= i and j < n.  Row i sees no key after itself, so rows [a, b) need keys [0, b) only."""
+        i = torch.arange(t, device=real.device)
+        blocked = (i[None, :] > i[:, None]) | (i >= real)[:, None, :]  # (B, T, T)
+        return cls(blocked[:, None], tuple((a, min(a + chunk, t)) for a in range(0, t, chunk)))
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._bias:
+            shut = self.blocked & ~self.empty
+            self._bias[dtype] = torch.zeros(shut.shape, dtype=dtype, device=shut.device).masked_fill_(
+                shut, float("-inf"))
+        return self._bias[dtype]
+
+
+class ExplicitAttention(torch.autograd.Function):
+    """``softmax(q k^T * scale + bias) * keep @ v`` and its gradient, for the CPU; ``keep``: dropout's mask or None.
+
+    Each batched product is written so that d_k (4 or 8 in the paper's configurations) is the row count of its
+    result, not its column count, e.g. ``out^T = v^T weights^T``: MKL is several times slower on results only d_k
+    columns wide, and autograd's backward of the plain formula makes three of them.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, keep, scale: float):
+        scores = (q * scale) @ k.transpose(-2, -1)  # (B, H, T, S)
+        if bias is not None:
+            scores += bias
+        weights = scores.softmax(-1)
+        kept = weights if keep is None else weights * keep
+        ctx.save_for_backward(q, k, v, weights, keep)
+        ctx.scale = scale
+        return (v.transpose(-2, -1) @ kept.transpose(-2, -1)).transpose(-2, -1)  # (d_k, S) @ (S, T): (B, H, T, d_k)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (B, H, T, d_k)
+        q, k, v, weights, keep = ctx.saved_tensors
+        kept = weights if keep is None else weights * keep
+        grad_v = (grad.transpose(-2, -1) @ kept).transpose(-2, -1)  # (d_k, T) @ (T, S)
+        grad_w = grad @ v.transpose(-2, -1)  # (B, H, T, S)
+        if keep is not None:
+            grad_w = grad_w * keep
+        grad_s = weights * (grad_w - (grad_w * weights).sum(-1, keepdim=True))  # through the softmax
+        grad_q = (k.transpose(-2, -1) @ grad_s.transpose(-2, -1)).transpose(-2, -1) * ctx.scale  # (d_k, S) @ (S, T)
+        grad_k = (q.transpose(-2, -1) @ grad_s).transpose(-2, -1) * ctx.scale  # (d_k, T) @ (T, S)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+# Score matrices (T x S per head) up to this size skip the fused kernel on the CPU: measured on 2 cores with
+# d_k = 4, ExplicitAttention is 2x faster at 50 x 50, 1.3x at 500 x 50, as fast at 50 x 500, 2.7x slower at 500 x 500
+SMALL_ATTENTION = 32 * 1024
+CAUSAL_CHUNK = 128  # query rows per fused call in long causal self-attention (TransformerEncoder._causal_real_first)
+
+
 class CrossModalAttention(nn.Module):
     """Eq. 3: ``CM_{m -> m'} = softmax(Q K^T / sqrt(d_k)) V`` with ``Q = X_{m'} W_Q``, ``K = X_m W_K``, ``V = X_m W_V``.
 
     Multi-head; parameters laid out as ``torch.nn.MultiheadAttention`` (``in_proj_weight`` (3d, d), ``out_proj``),
-    so the two can share weights.  Uses PyTorch's fused ``scaled_dot_product_attention`` unless the attention
-    weights are asked for.  Masks: ``key_padding_mask`` (B, S) and ``attn_mask`` (T, S), True where attention is
-    not allowed (PyTorch's boolean convention for MultiheadAttention); ``attn_mask`` may also be per sample
-    (B, T, S).  A query that may see no key at all (its source is absent or entirely in its future) gets a zero
-    attention result, so the residual of eq. 4 leaves it as it was.
+    so the two can share weights.  Uses PyTorch's fused ``scaled_dot_product_attention``, except: the plain formula
+    when the attention weights are asked for (or ``impl="reference"``); on the CPU, :class:`ExplicitAttention` for
+    dropout on the weights (the kernel has no fused dropout there) and for small score matrices.  Masks:
+    ``key_padding_mask`` (B, S) and ``attn_mask`` (T, S), True where attention is not allowed (PyTorch's boolean
+    convention for MultiheadAttention); ``attn_mask`` may also be per sample (B, T, S); or both already combined in
+    an :class:`AttentionMask` (``mask``).  A query that may see no key at all (its source is absent or entirely in
+    its future) gets a zero attention result, so the residual of eq. 4 leaves it as it was.  Every path computes
+    the same function, up to float rounding.
     """
 
     def __init__(self, d: int, heads: int, dropout: float = 0.0, impl: str = "fused", dropout_on: str = "weights"):
@@ -373,7 +506,7 @@ class CrossModalAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query: torch.Tensor, source: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None, need_weights: bool = False):
+                attn_mask: torch.Tensor | None = None, need_weights: bool = False, mask: AttentionMask | None = None):
         b, t, d = query.shape
         s = source.shape[1]
         w_q, w_kv = self.in_proj_weight.split([d, 2 * d])
@@ -382,36 +515,37 @@ class CrossModalAttention(nn.Module):
         k, v = F.linear(source, w_kv, b_kv).chunk(2, dim=-1)  # (B, S, d) each
         q, k, v = (x.view(b, -1, self.heads, d // self.heads).transpose(1, 2) for x in (q, k, v))  # (B, H, *, d_k)
 
-        blocked = None  # (B, 1, T, S) True = not allowed
-        if key_padding_mask is not None:
-            blocked = key_padding_mask[:, None, None, :].expand(b, 1, t, s)
-        if attn_mask is not None:
-            am = attn_mask[None, None] if attn_mask.dim() == 2 else attn_mask[:, None]  # (1|B, 1, T, S)
-            blocked = am if blocked is None else blocked | am
+        if mask is None:
+            mask = AttentionMask.build(key_padding_mask, attn_mask)
         p = self.dropout if self.training else 0.0
         if p > 0 and self.dropout_on == "keys":  # drop whole keys per sample and head: (B, H, 1, S) draws
             dropped = torch.rand(b, self.heads, 1, s, device=query.device) < p
-            blocked = dropped if blocked is None else blocked | dropped
+            mask = AttentionMask(dropped if mask is None else mask.blocked | dropped)
             p = 0.0
-        empty = None
-        if blocked is not None:
-            empty = blocked.all(-1, keepdim=True)  # (B, 1|H, T, 1) queries that may see nothing
-            blocked = blocked & ~empty  # computed over every key (no NaN), then zeroed below
+        bias = None if mask is None else mask.bias(q.dtype)  # (1|B, 1|H, T|1, S) 0 or -inf
 
-        if not need_weights and self.impl == "fused":
-            allowed = None if blocked is None else ~blocked
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=p)  # (B, H, T, d_k)
+        if need_weights or self.impl == "reference":  # eq. 3 as written, keeping the weights
+            scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)  # (B, H, T, S)
+            weights = scores.softmax(-1) if bias is None else (scores + bias).softmax(-1)
+            out = dropout(weights, p, self.training) @ v  # (B, H, T, d_k)
+            if need_weights and mask is not None:
+                weights = weights.masked_fill(mask.empty, 0.0)
+        elif q.device.type == "cpu" and (p > 0 or t * s <= SMALL_ATTENTION):
+            # On the CPU the fused kernel has no dropout (with p > 0 it falls back to a plain path with F.dropout),
+            # and on small score matrices its per-block overhead costs more than explicit products
+            keep = dropout_mask((b, self.heads, t, s), p).to(q.dtype) if p > 0 else None
+            out = ExplicitAttention.apply(q, k, v, bias, keep, (d // self.heads) ** -0.5)  # (B, H, T, d_k)
+            weights = None
+        elif mask is not None and len(mask.chunks) > 1:  # rows [a, b) see no key from b on: leave those out
+            out = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b],
+                                                            attn_mask=bias[..., a:b, :b], dropout_p=p)
+                             for a, b in mask.chunks], dim=2)  # (B, H, T, d_k)
             weights = None
         else:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)  # (B, H, T, S)
-            if blocked is not None:
-                scores = scores.masked_fill(blocked, float("-inf"))
-            weights = scores.softmax(-1)
-            if empty is not None:
-                weights = weights.masked_fill(empty, 0.0)
-            out = F.dropout(weights, p, self.training) @ v
-        if empty is not None:
-            out = out.masked_fill(empty, 0.0)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # (B, H, T, d_k)
+            weights = None
+        if mask is not None and mask.has_empty:
+            out = out.masked_fill(mask.empty, 0.0)
         out = out.transpose(1, 2).reshape(b, t, d)  # (B, T, d)
         return self.out_proj(out), (weights if need_weights else None)
 
@@ -425,13 +559,13 @@ class TransformerLayer(nn.Module):
         self.attn = CrossModalAttention(d, heads, attn_dropout, attn_impl, attn_dropout_on)
         self.norm_attn = nn.LayerNorm(d)  # shared by target and source, as in MulT
         self.norm_ffn = nn.LayerNorm(d)
-        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Dropout(relu_dropout), nn.Linear(4 * d, d))
-        self.res_dropout = nn.Dropout(res_dropout)
+        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), Dropout(relu_dropout), nn.Linear(4 * d, d))
+        self.res_dropout = Dropout(res_dropout)
 
-    def forward(self, x, source=None, source_mask=None, attn_mask=None, need_weights=False):
+    def forward(self, x, source=None, mask: AttentionMask | None = None, need_weights=False):
         h = self.norm_attn(x)
         kv = h if source is None else self.norm_attn(source)
-        z, weights = self.attn(h, kv, key_padding_mask=source_mask, attn_mask=attn_mask, need_weights=need_weights)
+        z, weights = self.attn(h, kv, need_weights=need_weights, mask=mask)
         x = x + self.res_dropout(z)
         x = x + self.res_dropout(self.ffn(self.norm_ffn(x)))
         return x, weights
@@ -450,7 +584,7 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.scale, self.causal = math.sqrt(d), causal
         self.positions = SinusoidalPositions(d)
-        self.embed_dropout = nn.Dropout(embed_dropout)
+        self.embed_dropout = Dropout(embed_dropout)
         self.layers = nn.ModuleList(
             TransformerLayer(d, heads, attn_dropout, relu_dropout, res_dropout, attn_impl, attn_dropout_on)
             for _ in range(layers))
@@ -468,6 +602,9 @@ class TransformerEncoder(nn.Module):
         dropout are added to it.
         """
         x = x if x_embedded else self._embed(x)
+        if (source is None and self.causal and attn_mask is None and x_mask is not None and not need_weights
+                and x.shape[1] >= 2 * CAUSAL_CHUNK and x.device.type == "cpu"):
+            return self._causal_real_first(x, x_mask), [None] * len(self.layers)
         if source is not None:
             source = self._embed(source)
         else:
@@ -478,11 +615,28 @@ class TransformerEncoder(nn.Module):
                 attn_mask = causal_mask_from_padding(x_mask, source_mask)  # (B, T, S)
             else:
                 attn_mask = causal_mask(x.shape[1], s, x.device)  # (T, S)
+        mask = AttentionMask.build(source_mask, attn_mask)  # once for every layer
         weights = []
         for layer in self.layers:
-            x, w = layer(x, source, source_mask, attn_mask, need_weights)
+            x, w = layer(x, source, mask, need_weights)
             weights.append(w)
         return self.norm(x), weights
+
+    def _causal_real_first(self, x, x_mask):
+        """The causal self-attention stack on long front-padded sequences (CPU), computed with each sample's real
+        frames moved to the front: the same result (every layer but attention acts on each step alone, and the
+        attention sees the same keys), but each block of query rows then needs only the keys before its end, so
+        the fused kernel skips about a third of the score matrix (:meth:`AttentionMask.causal_real_first`)."""
+        t = x.shape[1]
+        real = (~x_mask).sum(1, keepdim=True)  # (B, 1)
+        steps = torch.arange(t, device=x.device)[None, :]
+        to_front = ((steps + t - real) % t)[..., None].expand_as(x)  # (B, T, d): real frames first, then padding
+        back = ((steps + real) % t)[..., None].expand_as(x)  # its inverse
+        mask = AttentionMask.causal_real_first(real, t, CAUSAL_CHUNK)
+        x = x.gather(1, to_front)
+        for layer in self.layers:
+            x = layer(x, None, mask)[0]
+        return self.norm(x.gather(1, back))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -692,7 +846,7 @@ class MulTBackbone(nn.Module):
                                                             attn_dropout=cfg.attn_dropout[t], causal=cfg.causal, **drop)
             width += n_src * d
         self.proj1, self.proj2 = nn.Linear(width, width), nn.Linear(width, width)
-        self.out_dropout = nn.Dropout(cfg.out_dropout)
+        self.out_dropout = Dropout(cfg.out_dropout)
         self.out_layer = nn.Linear(width, cfg.output_dim)
 
     def forward(self, seqs: dict[str, torch.Tensor], masks: dict[str, torch.Tensor | None], need_weights=False):
@@ -756,7 +910,7 @@ class KTModel(nn.Module):
             x = torch.where(use[:, None, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
             mask = mask | ~use[:, None]
         if m == "l":
-            x = F.dropout(x, self.cfg.text_dropout, self.training)
+            x = dropout(x, self.cfg.text_dropout, self.training)
         return self.proj[m](x), mask
 
     @staticmethod

@@ -142,6 +142,13 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam over the model's parameters in PyTorch's fused implementation (one kernel per device and dtype): on
+    these small models the per-parameter loop of the default implementation costs more than its arithmetic.
+    The same updates up to float rounding (about 1e-7 relative per step)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+
+
 def task_loss(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
     """L1 for regression (B, 1); mean cross-entropy over the four binary emotions for IEMOCAP (B, 4, 2)."""
     if task == "classification":
@@ -294,7 +301,7 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, ru
     if audio_source is not None:
         model.load_audio_encoder(audio_source)
     model = model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
+    opt = make_optimizer(model, train_cfg.lr)
     sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=train_cfg.plateau_patience,
                                                         factor=train_cfg.plateau_factor)
              if train_cfg.schedule == "plateau" else None)

@@ -1,9 +1,15 @@
-"""The benchmark runs each measurement in its own process and prints a table with a ratio to the reference path."""
+"""The benchmark times training steps in fresh processes, compares two checkouts pair by pair, and prints a table
+of every setting with a ratio to the reference path.  Figures are printed and parsed here, never judged."""
+
+import re
+from pathlib import Path
 
 import pytest
 
-from ktlib.bench import VARIANTS, main, synthetic_batch
+from ktlib.bench import STEPS, VARIANTS, main, measure_step, synthetic_batch
 from ktlib.model import ModelConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_synthetic_batch_is_front_padded_with_the_config_shapes():
@@ -17,8 +23,8 @@ def test_synthetic_batch_is_front_padded_with_the_config_shapes():
 
 
 def test_benchmark_prints_times_memory_and_the_ratio_to_reference(capsys):
-    assert main(["--alignments", "aligned", "--settings", "language_only", "--variants", "reference", "fused",
-                 "--steps", "1", "--batch-size", "4", "--device", "cpu"]) == 0
+    assert main(["--table", "--alignments", "aligned", "--settings", "language_only", "--variants", "reference",
+                 "fused", "--steps", "1", "--batch-size", "4", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "paper config (d=40, 4 layers, 10 heads), batch 4" in out
     lines = [line for line in out.splitlines() if line.strip().startswith("aligned") and "language_only" in line]
@@ -34,3 +40,29 @@ def test_benchmark_prints_times_memory_and_the_ratio_to_reference(capsys):
 def test_benchmark_rejects_unknown_choices():
     with pytest.raises(SystemExit):
         main(["--variants", "turbo"])
+    with pytest.raises(SystemExit):
+        main(["--cases", "huge"])
+
+
+def test_step_measurement_reports_times_and_memory():
+    r = measure_step("quick", steps=2, warmup=1, device="cpu")
+    assert r["case"] == "quick" and r["device"] == "cpu" and r["batch_size"] == STEPS["quick"][2]
+    assert len(r["ms_all"]) == 2 and min(r["ms_all"]) <= r["ms"] <= max(r["ms_all"]) and r["ms"] > 0
+    assert r["peak_mb"] == r["peak_mb"]  # a number (the growth of the peak resident set may be 0)
+
+
+def test_benchmark_prints_the_step_time_of_each_case(capsys):
+    assert main(["--cases", "quick", "--steps", "1", "--warmup", "0", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "kt training step" in out
+    assert re.search(r"quick .*\(quick profile, aligned, batch 48\) +[0-9.]+ ms/step", out)
+
+
+def test_paired_comparison_with_another_checkout(capsys, tmp_path):
+    # this tree against itself: two fresh processes per round, each importing the ktlib of its tree
+    assert main(["--cases", "quick", "--steps", "1", "--warmup", "0", "--device", "cpu", "--compare", str(ROOT),
+                 "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"quick .*ms/step .*ratio [0-9.]+ \[[0-9.]+, [0-9.]+\]", out)
+    with pytest.raises(SystemExit):  # not a checkout
+        main(["--compare", str(tmp_path)])
