@@ -624,7 +624,7 @@ def test_from_dict_names_unknown_fields():
     ({"kt_time_axis": "language", "setting": "kt_any"}, r"kt_time_axis='language' is for the audio target of 'kt'"),
     ({"kt_hat_weight": -1.0}, r"kt_hat_weight must be a finite number >= 0"),
     ({"kt_concat": "sum"}, r"kt_concat must be feature or time"),
-    ({"kt_target": "moving"}, r"kt_target must be one of \('random', 'trained', 'run'\), got 'moving'"),
+    ({"kt_target": "moving"}, r"kt_target must be one of \('random', 'trained', 'run', 'run_memory'\), got 'moving'"),
     ({"consistency": "cosine"}, r"consistency must be l1 or l2"),
     ({"seq_lens": {"l": 50, "a": 50}}, r"seq_lens needs one entry per modality"),
 ])
