@@ -29,6 +29,7 @@ class Workbook:
     figures: Path
     tables: Path
     workers: int | None = None  # training processes (None: one per CPU core up to 4, one on a GPU)
+    scheduler: str | None = None  # a Dask scheduler's address: runs train on that cluster (None: on this machine)
 
     @property
     def label(self) -> str:
@@ -54,11 +55,13 @@ class Workbook:
 
 def setup(dataset: str = "mosi", alignment: str = "aligned", profile_name: str = "quick", seeds: int = 3,
           data_path: str = "", source: str = "auto", scale: float = 0.0, figures_dir: str = "figures",
-          audio_shared: float = -1.0, tables_dir: str = "", workers: int = 0, regime: str = "default") -> Workbook:
+          audio_shared: float = -1.0, tables_dir: str = "", workers: int = 0, regime: str = "default",
+          scheduler: str = "") -> Workbook:
     """Validate notebook parameters and load the data.
 
     ``scale=0``, ``audio_shared<0``, ``tables_dir=""`` (the run store's ``tables/``) and ``workers=0``
-    (one training process per CPU core, up to 4; one on a GPU) mean defaults.  ``regime`` names knob settings of
+    (one training process per CPU core, up to 4; one on a GPU) mean defaults; ``scheduler`` (a Dask scheduler's
+    address, e.g. ``tcp://host:8786``) sends the runs to that cluster, ``""`` trains them here.  ``regime`` names knob settings of
     the simulator (:data:`ktlib.simulate.REGIMES`).
     """
     problems = []
@@ -81,6 +84,13 @@ def setup(dataset: str = "mosi", alignment: str = "aligned", profile_name: str =
         problems.append(f"regime={regime!r}: choose one of {tuple(REGIMES)}")
     if not (isinstance(workers, int) and 0 <= workers <= 32):
         problems.append(f"workers={workers!r}: training processes, an integer from 1 to 32, or 0 for automatic")
+    if not isinstance(scheduler, str):
+        problems.append(f"scheduler={scheduler!r}: a Dask scheduler address such as 'tcp://host:8786', or ''")
+    elif scheduler:
+        import importlib.util
+
+        if importlib.util.find_spec("distributed") is None:
+            problems.append(f"scheduler={scheduler!r} needs Dask: pip install -e '.[cluster]'")
     if problems:
         raise ValueError("notebook parameters out of range:\n  - " + "\n  - ".join(problems))
     prof = profile(profile_name)
@@ -93,4 +103,4 @@ def setup(dataset: str = "mosi", alignment: str = "aligned", profile_name: str =
     set_theme()
     tables = Path(tables_dir) if tables_dir else default_runs_dir() / "tables"
     return Workbook(dataset, alignment, prof, list(range(1, seeds + 1)), data, Path(figures_dir), tables,
-                    workers or None)
+                    workers or None, scheduler or None)

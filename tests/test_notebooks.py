@@ -182,9 +182,10 @@ def test_setup_lists_every_bad_parameter_at_once(sandbox):
     from ktlib.workbook import setup
 
     with pytest.raises(ValueError) as err:
-        setup(dataset="cmu", alignment="sideways", profile_name="quick", seeds=0, scale=2.0)
+        setup(dataset="cmu", alignment="sideways", profile_name="quick", seeds=0, scale=2.0, scheduler=8786)
     message = str(err.value)
-    for part in ("dataset='cmu'", "alignment='sideways'", "seeds=0", "scale=2.0"):
+    for part in ("dataset='cmu'", "alignment='sideways'", "seeds=0", "scale=2.0",
+                 "scheduler=8786: a Dask scheduler address such as 'tcp://host:8786', or ''"):
         assert part in message
 
 
@@ -194,4 +195,5 @@ def test_setup_loads_the_simulator_with_the_profiles_scale(sandbox):
     wb = setup(dataset="iemocap", alignment="unaligned", profile_name="smoke", seeds=2, source="simulated",
                figures_dir=str(sandbox / "figs"))
     assert wb.seeds == [1, 2] and wb.data.synthetic and wb.data.sim_config.scale == 0.05
+    assert wb.scheduler is None  # no address: the runs train on this machine
     assert wb.label == "iemocap_unaligned [synthetic (simulator)]"
