@@ -61,8 +61,8 @@ def setup(dataset: str = "mosi", alignment: str = "aligned", profile_name: str =
 
     ``scale=0``, ``audio_shared<0``, ``tables_dir=""`` (the run store's ``tables/``) and ``workers=0``
     (one training process per CPU core, up to 4; one on a GPU) mean defaults; ``scheduler`` (a Dask scheduler's
-    address, e.g. ``tcp://host:8786``) sends the runs to that cluster, ``""`` trains them here.  ``regime`` names knob settings of
-    the simulator (:data:`ktlib.simulate.REGIMES`).
+    address, e.g. ``tcp://host:8786``) sends the runs to that cluster, ``""`` trains them here.  ``regime`` names
+    knob settings of the simulator (:data:`ktlib.simulate.REGIMES`).
     """
     problems = []
     if dataset not in (*DATASETS, MOSI_UTTERANCE.name):
