@@ -239,6 +239,7 @@ def test_transfer_is_shown_only_against_both_language_vision_and_the_placebo():
     row = X.transfer_verdicts(tidy).set_index("method").loc["kt target=full"]
     assert row["mae vs language+vision"].startswith("+0.100 [") and row["mae vs language+vision"].endswith("3/3")
     assert row["transfer"] == "not shown"  # a gain the placebo gives too is regularisation
+    assert row["ahead of language+vision"]
     assert row["full not worse"]
     # now the placebo does no better than language+vision
     tidy = _story([0.90, 0.91, 0.89], [0.6, 0.61, 0.59], [1.00, 1.03, 0.99], [0.5, 0.49, 0.5])
