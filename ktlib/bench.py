@@ -105,41 +105,65 @@ def _time(step, steps: int, warmup: int, device) -> tuple[list[float], float]:
     return times, peak
 
 
-def measure_step(case: str, steps: int = 5, warmup: int = 2, device: str = "auto") -> dict:
-    """ms per training step of case ``case`` of ``STEPS`` (median of ``steps`` after ``warmup``), peak memory.
+def training_step(model_cfg, train_cfg, batch_size: int, device: str = "auto"):
+    """``(step, device)``: one call of ``step()`` is ``fit``'s training step (forward, task and consistency losses,
+    backward, clipping, the optimiser ``fit`` builds) of a fresh model of ``model_cfg`` on a synthetic batch.
 
-    The step is ``fit``'s: the model reads its consistency target from an audio projection (``kt_target="run"``,
-    taken here from a fresh ``full`` model), and the optimiser is the one ``fit`` builds.  Call it in a fresh
-    process (:func:`run_isolated`) for the peak memory to be the step's own.
+    A kt model whose target comes from a finished run reads it here from a fresh ``full`` model's audio projection
+    (or, for ``run_memory``, a fresh ``audio_only`` model): the same arithmetic as the real target.
     """
     import torch
 
     from ktlib import train
-    from ktlib.model import KTModel, ModelConfig
+    from ktlib.model import KTModel
 
-    profile, alignment, batch_size = STEPS[case]
     dev = train.pick_device(device)
-    settings = train.PROFILES[profile].model
     torch.manual_seed(0)
-    cfg = ModelConfig.for_layout("mosi", alignment, setting="kt", **settings)
-    model = KTModel(cfg)
-    model.load_audio_encoder(KTModel(ModelConfig.for_layout("mosi", alignment, setting="full", **settings)))
+    model = KTModel(model_cfg)
+    if model_cfg.setting == "kt" and model_cfg.kt_target in ("run", "run_memory"):
+        source = "audio_only" if model_cfg.kt_target == "run_memory" else "full"
+        model.load_audio_encoder(KTModel(type(model_cfg).from_dict({**model_cfg.to_dict(), "setting": source})))
     model = model.to(dev).train()
-    train_cfg = train.TrainConfig(**train.PROFILES[profile].train)
     # trees before the fused optimiser have no make_optimizer: their fit used plain Adam
     make_optimizer = getattr(train, "make_optimizer", lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr))
     opt = make_optimizer(model, train_cfg.lr)
-    batch = {k: v.to(dev) for k, v in synthetic_batch(cfg, batch_size).items()}
+    batch = {k: v.to(dev) for k, v in synthetic_batch(model_cfg, batch_size).items()}
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             out, details = model(batch, return_details=True)
-            loss = train.task_loss(out, batch["y"], cfg.task) + model.consistency_term(details)
+            loss = train.task_loss(out, batch["y"], model_cfg.task) + model.consistency_term(details)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip)
         opt.step()
 
+    return step, dev
+
+
+def step_seconds(model_cfg, train_cfg, steps: int = 2, warmup: int = 1, device: str = "auto") -> float:
+    """Median seconds of ``steps`` training steps (:func:`training_step`, batch ``train_cfg.batch_size``) after
+    ``warmup`` untimed ones, in this process with its current torch thread count."""
+    step, dev = training_step(model_cfg, train_cfg, train_cfg.batch_size, device)
+    return statistics.median(_time(step, steps, warmup, dev)[0])
+
+
+def measure_step(case: str, steps: int = 5, warmup: int = 2, device: str = "auto") -> dict:
+    """ms per training step of case ``case`` of ``STEPS`` (median of ``steps`` after ``warmup``), peak memory.
+
+    The step is :func:`training_step`'s, of a ``kt`` model whose consistency target is the audio projection of a
+    fresh ``full`` model.  Call it in a fresh process (:func:`run_isolated`) for the peak memory to be the step's own.
+    """
+    import torch
+
+    from ktlib import train
+    from ktlib.model import ModelConfig
+
+    profile, alignment, batch_size = STEPS[case]
+    settings = train.PROFILES[profile].model
+    train_cfg = train.TrainConfig(**train.PROFILES[profile].train)
+    cfg = ModelConfig.for_layout("mosi", alignment, setting="kt", **{**settings, "kt_target": "run"})
+    step, dev = training_step(cfg, train_cfg, batch_size, device)
     times, peak = _time(step, steps, warmup, dev)
     return {"case": case, "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "ms": 1000 * statistics.median(times), "ms_all": [1000 * t for t in times], "peak_mb": peak,

@@ -29,6 +29,7 @@ import os
 import platform
 import re
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from .model import KTModel, ModelConfig, load_checkpoint, save_checkpoint
 from .pool import JobsFailed, in_pool, one_job
 from .specs import LAYOUTS
 from .stats import fmt_mean_std, seed_table
-from .train import PROFILES, FitResult, TrainConfig, fit, profile
+from .train import PROFILES, FitResult, TrainConfig, fit, pick_device, profile
 
 _REFERENCE = Path(__file__).with_name("reference")
 
@@ -385,6 +386,60 @@ def plan(data: MultimodalData, settings, seeds, profile_name: str = "quick", var
     return jobs
 
 
+LONG_GRID_S = 3600.0  # a grid estimated to train longer than this on a CPU is announced before it starts
+
+
+def training_steps(jobs: list[Job]) -> int:
+    """Optimiser steps the jobs take in all: ``epochs x ceil(training samples / batch size)`` each."""
+    return sum(j.train.epochs * -(-len(j.data["train"]) // j.train.batch_size) for j in jobs)
+
+
+class SlowGridWarning(UserWarning):
+    """The jobs about to train will take long on this machine (see :func:`estimate_training`)."""
+
+
+def estimate_training(jobs: list[Job], workers: int, step_seconds=None) -> dict:
+    """How long ``jobs`` would train on this machine's CPU, from a timed first step.
+
+    One training step of the costliest-looking job (a ``kt`` one if any: it runs the most stacks) is timed with
+    the thread count a worker gets (:func:`ktlib.bench.step_seconds`); every job is assumed to take that long per
+    step, for ``epochs x ceil(training samples / batch size)`` steps, with ``workers`` jobs at a time.  Evaluation
+    passes are left out, so the figure is a lower bound for the costliest job's kind and an upper one for lighter
+    settings.  ``step_seconds(model_cfg, train_cfg)`` replaces the timing (tests).
+    """
+    from . import bench
+
+    timed = next((j for j in jobs if j.model.setting == "kt"), jobs[0])
+    steps = training_steps(jobs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    try:
+        sec = (step_seconds or bench.step_seconds)(timed.model, timed.train)
+    finally:
+        torch.set_num_threads(threads)
+    at_once = max(1, min(workers, len(jobs)))
+    return {"runs": len(jobs), "steps": steps, "step_s": sec, "setting": timed.model.setting, "workers": at_once,
+            "seconds": sec * steps / at_once}
+
+
+def warn_if_long(jobs: list[Job], workers: int, scheduler: str | None = None, step_seconds=None) -> dict | None:
+    """On a CPU (no scheduler), estimate the jobs' training time (:func:`estimate_training`) when they add up to
+    more than 5,000 steps, and warn (:class:`SlowGridWarning`) when it exceeds :data:`LONG_GRID_S`.  Returns the
+    estimate (None when none was made)."""
+    if scheduler is not None or not jobs or any(pick_device(j.train.device).type != "cpu" for j in jobs):
+        return None
+    if training_steps(jobs) <= 5000:
+        return None
+    est = estimate_training(jobs, workers, step_seconds)
+    if est["seconds"] > LONG_GRID_S:
+        warnings.warn(
+            f"{est['runs']} runs to train on this CPU: about {est['seconds'] / 3600:.1f} hours ({est['steps']:,} "
+            f"training steps at {est['step_s'] * 1000:.0f} ms, timed on a {est['setting']} step, "
+            f"{est['workers']} at a time). On a GPU this takes minutes (make gpu-check measures it); "
+            "for a first look use profile='quick'.", SlowGridWarning, stacklevel=3)
+    return est
+
+
 def train_missing(jobs: list[Job], runs_dir: str | Path | None = None, force: bool = False, progress: bool = True,
                   workers: int | None = None, scheduler: str | None = None) -> None:
     """Train the jobs not yet in the store, each once however many labels share it.
@@ -407,6 +462,8 @@ def train_missing(jobs: list[Job], runs_dir: str | Path | None = None, force: bo
         if not (folder / rid / "metrics.json").exists():
             todo[rid] = job
     workers = default_workers() if workers is None else workers
+    warn_if_long(list(todo.values()), workers, scheduler)
+
     def finished(rid: str) -> bool:
         return (folder / rid / "metrics.json").exists()
 
