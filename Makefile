@@ -18,13 +18,14 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup reproduce test browser-test bench lint lab clean distclean
+.PHONY: help setup reproduce test browser-test bench gpu-check lint lab clean distclean
 
 help:
 	@echo "make reproduce   run every notebook in order on the built-in (simulated) data (PROFILE=quick|smoke|paper)"
 	@echo "make test        run the test suite"
 	@echo "make browser-test  open a notebook in JupyterLab in headless Chromium, run it, save a screenshot"
 	@echo "make bench       ms per training step (quick, paper aligned and unaligned) and peak memory on this device"
+	@echo "make gpu-check   on a GPU machine, once: CUDA tests, step times, runs per device, Table I timed (about 8 min)"
 	@echo "make lab         open JupyterLab with the project's kernel"
 	@echo "make lint        ruff on code and notebooks"
 	@echo "make clean       remove caches, runs and generated figures (keeps .venv and data)"
@@ -60,6 +61,11 @@ browser-test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m ktlib.bench
+
+# On a machine with a GPU (install a CUDA torch first: TORCH_SPEC="torch==2.13.0 --index-url ..."); the figures
+# also go to runs/gpu-check.json.  GPU_CHECK_ARGS=--dry exercises it on the CPU at toy sizes.
+gpu-check: $(STAMP)
+	$(PY) -m ktlib.gpucheck --out runs/gpu-check.json $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check ktlib tests notebooks
