@@ -48,6 +48,14 @@ def reference(mosi, tmp_path_factory) -> pd.DataFrame:
         torch.set_num_threads(threads)
 
 
+def test_runs_trained_two_at_a_time_in_processes_give_the_metrics_of_runs_trained_one_by_one(mosi, reference,
+                                                                                            tmp_path, monkeypatch):
+    """Seeds trained together on one device (``KTLIB_RUNS_PER_DEVICE`` on a GPU; the CPU here) are the runs
+    trained alone: each process seeds and trains its own run."""
+    _forbid_training_here(monkeypatch)
+    pd.testing.assert_frame_equal(_smoke_grid(mosi, tmp_path, workers=2), reference)
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A Dask LocalCluster: two worker processes, one thread each, over TCP; ``cluster.armed`` is the file that
