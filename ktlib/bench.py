@@ -141,7 +141,7 @@ def training_step(model_cfg, train_cfg, batch_size: int, device: str = "auto"):
     return step, dev
 
 
-def step_seconds(model_cfg, train_cfg, steps: int = 2, warmup: int = 1, device: str = "auto") -> float:
+def step_seconds(model_cfg, train_cfg, steps: int = 1, warmup: int = 0, device: str = "auto") -> float:
     """Median seconds of ``steps`` training steps (:func:`training_step`, batch ``train_cfg.batch_size``) after
     ``warmup`` untimed ones, in this process with its current torch thread count."""
     step, dev = training_step(model_cfg, train_cfg, train_cfg.batch_size, device)

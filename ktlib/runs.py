@@ -407,11 +407,12 @@ class SlowGridWarning(UserWarning):
 def estimate_training(jobs: list[Job], workers: int, step_seconds=None) -> dict:
     """How long ``jobs`` would train on this machine's CPU, from a timed first step.
 
-    One training step of the costliest-looking job (a ``kt`` one if any: it runs the most stacks) is timed with
-    the thread count a worker gets (:func:`ktlib.bench.step_seconds`); every job is assumed to take that long per
-    step, for ``epochs x ceil(training samples / batch size)`` steps, with ``workers`` jobs at a time.  Evaluation
-    passes are left out, so the figure is a lower bound for the costliest job's kind and an upper one for lighter
-    settings.  ``step_seconds(model_cfg, train_cfg)`` replaces the timing (tests).
+    The first training step of the costliest-looking job (a ``kt`` one if any: it runs the most stacks) is timed
+    with the thread count a worker gets (:func:`ktlib.bench.step_seconds`); every job is assumed to take that long
+    per step, for ``epochs x ceil(training samples / batch size)`` steps, with ``workers`` jobs at a time.  The
+    first step is the slowest (allocations), lighter settings take less per step, evaluation passes are left out:
+    the figure is a rough one, meant to tell minutes from hours.  ``step_seconds(model_cfg, train_cfg)`` replaces
+    the timing (tests).
     """
     from . import bench
 
@@ -430,11 +431,11 @@ def estimate_training(jobs: list[Job], workers: int, step_seconds=None) -> dict:
 
 def warn_if_long(jobs: list[Job], workers: int, scheduler: str | None = None, step_seconds=None) -> dict | None:
     """On a CPU (no scheduler), estimate the jobs' training time (:func:`estimate_training`) when they add up to
-    more than 5,000 steps, and warn (:class:`SlowGridWarning`) when it exceeds :data:`LONG_GRID_S`.  Returns the
+    more than 1,000 steps, and warn (:class:`SlowGridWarning`) when it exceeds :data:`LONG_GRID_S`.  Returns the
     estimate (None when none was made)."""
     if scheduler is not None or not jobs or any(pick_device(j.train.device).type != "cpu" for j in jobs):
         return None
-    if training_steps(jobs) <= 5000:
+    if training_steps(jobs) <= 1000:
         return None
     est = estimate_training(jobs, workers, step_seconds)
     if est["seconds"] > LONG_GRID_S:
