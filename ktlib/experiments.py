@@ -31,7 +31,7 @@ import pandas as pd
 
 from .data import MultimodalData, atomic_write, from_recipe, load_simulated
 from .metrics import LOWER_IS_BETTER
-from .missing import RATES, Protocol, auilc
+from .missing import RATES, Protocol, auilc, sweep
 from .model import SETTINGS  # the five settings of Tables I-III
 from .pool import in_pool, one_job
 from .runs import (
@@ -194,7 +194,7 @@ MASK_SEED = 0  # every model is scored on the same test masks; the spread over s
 def _protocols(kind: str, phase: str, rates) -> list[Protocol]:
     if kind == "fixed":
         return [Protocol("fixed", modalities=m, phase=phase, seed=MASK_SEED) for m in FIXED]
-    return [Protocol(kind, rate=float(r), phase=phase, seed=MASK_SEED) for r in rates]
+    return sweep(kind, rates, phase, MASK_SEED)
 
 
 def _level(protocol: Protocol) -> str:
