@@ -640,7 +640,8 @@ class MultimodalDataset(Dataset):
         return batch
 
 
-def _keep_batch(batch):
+def _collated_already(batch):
+    """The collate function: :meth:`MultimodalDataset.__getitems__` already returns the whole batch dict."""
     return batch
 
 
@@ -653,4 +654,4 @@ def make_loader(data: MultimodalData | SplitData, split: str = "train", batch_si
     shuffle = (split == "train") if shuffle is None else shuffle
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
-                      collate_fn=_keep_batch, pin_memory=torch.cuda.is_available())
+                      collate_fn=_collated_already, pin_memory=torch.cuda.is_available())

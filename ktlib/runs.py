@@ -6,7 +6,7 @@ with ``weights_only=True``) and ``environment.json`` (versions, device).  The id
 of the whole configuration, so any change of data, model or training gives a new run.  ``metrics.json`` is
 written last: a folder without it is an unfinished run, which :func:`load_or_train` resumes from ``last.pt``.
 Several processes or machines can share a store: one lock per run id (:func:`run_lock`) makes a run train once.
-:func:`train_missing` trains jobs in local processes or on a Dask cluster (``scheduler``, :mod:`ktlib.pool`).
+:func:`train_pending` trains jobs in local processes or on a Dask cluster (``scheduler``, :mod:`ktlib.pool`).
 
 :func:`grid` runs settings x seeds (x variants for ablations) and returns a tidy table; :func:`summarize` gives
 mean and sample standard deviation (the workbook's one convention, :mod:`ktlib.stats`) per configuration;
@@ -154,7 +154,7 @@ def _needed_models(train_cfg: TrainConfig, store: Path) -> dict:
             source = store / rid_needed
             if not (source / "metrics.json").exists():
                 raise FileNotFoundError(f"the run {rid_needed} ({role}) is not finished in {store}; train it "
-                                        f"first (train_missing trains the runs a job needs before the job)")
+                                        f"first (train_pending trains the runs a job needs before the job)")
             needed[role] = Run.load(source).load_model()
     return needed
 
@@ -385,7 +385,7 @@ def plan(data: MultimodalData, settings, seeds, profile_name: str = "quick", var
     return jobs
 
 
-def train_missing(jobs: list[Job], runs_dir: str | Path | None = None, force: bool = False, progress: bool = True,
+def train_pending(jobs: list[Job], runs_dir: str | Path | None = None, force: bool = False, progress: bool = True,
                   workers: int | None = None, scheduler: str | None = None) -> None:
     """Train the jobs not yet in the store, each once however many labels share it.
 
@@ -456,9 +456,9 @@ def read_jobs(jobs: list[Job], runs_dir: str | Path | None = None) -> pd.DataFra
 
 def run_jobs(jobs: list[Job], runs_dir: str | Path | None = None, force: bool = False, progress: bool = True,
              workers: int | None = None, scheduler: str | None = None) -> pd.DataFrame:
-    """Train what is missing (:func:`train_missing`, locally or on the Dask cluster at ``scheduler``), then read
+    """Train what is missing (:func:`train_pending`, locally or on the Dask cluster at ``scheduler``), then read
     every job back (:func:`read_jobs`)."""
-    train_missing(jobs, runs_dir, force, progress, workers, scheduler)
+    train_pending(jobs, runs_dir, force, progress, workers, scheduler)
     return read_jobs(jobs, runs_dir)
 
 
@@ -466,7 +466,7 @@ def grid(data: MultimodalData, settings, seeds, profile_name: str = "quick", var
          runs_dir: str | Path | None = None, force: bool = False, progress: bool = True, workers: int | None = None,
          scheduler: str | None = None, **model_overrides) -> pd.DataFrame:
     """Train (or read back) every setting x variant x seed: :func:`plan` then :func:`run_jobs` (``scheduler``: a
-    Dask scheduler's address, see :func:`train_missing`)."""
+    Dask scheduler's address, see :func:`train_pending`)."""
     return run_jobs(plan(data, settings, seeds, profile_name, variants, **model_overrides), runs_dir, force,
                     progress, workers, scheduler)
 
