@@ -299,6 +299,20 @@ def _fail(source: str, where: str, problem: str, fix: str = _REDOWNLOAD) -> Data
     return DataFileError(f"{source}: {where}: {problem}. {fix}")
 
 
+def _features(arrays: dict, m: str, layout: Layout | None, shapes: dict, source: str, split: str, copy: bool,
+              nonfinite: dict[str, int]) -> np.ndarray:
+    """Modality m of one split as float32, its shape checked, NaN and +-inf set to 0 and counted in ``nonfinite``."""
+    key = FILE_KEYS[m]
+    x = arrays[key]
+    _check_shape(x, m, layout, shapes, source, f"split '{split}', key '{key}'")
+    x = np.array(x, dtype=np.float32) if copy else np.asarray(x, dtype=np.float32)  # asarray: no copy
+    bad = ~np.isfinite(x)
+    if bad.any():
+        nonfinite[f"{split}/{key}"] = int(bad.sum())
+        x[bad] = 0.0
+    return x
+
+
 def validate_raw(raw: object, layout: Layout | None, source: str,
                  copy: bool = True) -> tuple[dict[str, SplitData], dict[str, int]]:
     """Check a MulT-layout dict; return clean splits and counts of replaced non-finite values.
@@ -323,17 +337,7 @@ def validate_raw(raw: object, layout: Layout | None, source: str,
     for split in SPLITS:
         arrays, n = _split_arrays(raw[split], source, split)
         labels = _labels(arrays.pop("labels"), layout, source, split)
-        feats = {}
-        for m in MODALITIES:
-            key = FILE_KEYS[m]
-            x = arrays[key]
-            _check_shape(x, m, layout, shapes, source, f"split '{split}', key '{key}'")
-            x = np.array(x, dtype=np.float32) if copy else np.asarray(x, dtype=np.float32)  # asarray: no copy
-            bad = ~np.isfinite(x)
-            if bad.any():
-                nonfinite[f"{split}/{key}"] = int(bad.sum())
-                x[bad] = 0.0
-            feats[m] = x
+        feats = {m: _features(arrays, m, layout, shapes, source, split, copy, nonfinite) for m in MODALITIES}
         ids = _ids(raw[split].get("id"), n, source, split)
         splits[split] = SplitData(l=feats["l"], a=feats["a"], v=feats["v"], labels=labels, ids=ids)
     if nonfinite:
