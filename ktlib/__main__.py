@@ -94,8 +94,8 @@ def cmd_params(args) -> int:
 
 
 def _load(args):
+    from .config import profile
     from .data import get_data
-    from .train import profile
 
     scale = args.scale if args.scale is not None else profile(args.profile).scale
     return get_data(args.dataset, args.alignment, source=args.source, data_dir=args.data_path, scale=scale,
@@ -255,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alignment", choices=ALIGNMENTS, default="aligned", help="input shapes (default aligned)")
     p.set_defaults(func=cmd_params)
 
+    from .config import PROFILES
     from .model import SETTINGS
-    from .train import PROFILES
 
     def add_run_options(p, settings_many: bool):
         p.add_argument("--dataset", choices=(*DATASETS, "mosi_utterance"), default="mosi",

@@ -34,7 +34,8 @@ import pandas as pd
 import torch
 
 from .data import MultimodalData, make_loader
-from .model import KTModel, pool_onto
+from .layers import pool_onto
+from .model import KTModel
 
 NAMES = {"f_a": "f_A (real audio)", "f_a_hat": "f'_A (reconstructed)", "a_from_v": "θ(f_V) (from vision)",
          "a_from_l": "φ(f_L) (from language)"}

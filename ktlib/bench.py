@@ -119,13 +119,22 @@ def measure_step(case: str, steps: int = 5, warmup: int = 2, device: str = "auto
 
     profile, alignment, batch_size = STEPS[case]
     dev = train.pick_device(device)
-    settings = train.PROFILES[profile].model
+    profiles = getattr(train, "PROFILES", None)  # trees before ktlib.config kept the profiles in train
+    if profiles is None:
+        from ktlib.config import PROFILES as profiles
+    settings = profiles[profile].model
     torch.manual_seed(0)
     cfg = ModelConfig.for_layout("mosi", alignment, setting="kt", **settings)
     model = KTModel(cfg)
-    model.load_audio_encoder(KTModel(ModelConfig.for_layout("mosi", alignment, setting="full", **settings)))
+    full = KTModel(ModelConfig.for_layout("mosi", alignment, setting="full", **settings))
+    if hasattr(model, "load_audio_encoder"):  # trees before ktlib.model_extras: a method of the model
+        model.load_audio_encoder(full)
+    else:
+        from ktlib.model_extras import load_audio_encoder
+
+        load_audio_encoder(model, full)
     model = model.to(dev).train()
-    train_cfg = train.TrainConfig(**train.PROFILES[profile].train)
+    train_cfg = train.TrainConfig(**profiles[profile].train)
     # trees before the fused optimiser have no make_optimizer: their fit used plain Adam
     make_optimizer = getattr(train, "make_optimizer", lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr))
     opt = make_optimizer(model, train_cfg.lr)

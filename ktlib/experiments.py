@@ -368,7 +368,7 @@ TRANSFER_TARGETS = {
     "placebo_memory": {"kt_target": "run_memory", "target_from": "audio_only", "kt_target_shuffle": True},
 }
 PLACEBOS = {"audio_memory": "placebo_memory"}  # a target's placebo where it is not "placebo" (full, shuffled)
-SUPERVISION = {"": {}, " +f'A": {"kt_hat_weight": 1.0}}  # delta's output f'_A supervised too (beyond eq. 6)
+SUPERVISION = {"": {}, " +f'A": {"kt_hat_weight": 1.0}}  # delta's output f'_A supervised too (beyond the paper's loss)
 SUPERVISION_CHOICES = {"without": ("",), "with": (" +f'A",), "both": ("", " +f'A")}  # notebook 4's `supervision`
 MAIN_TARGET, MAIN_SUPERVISION = "audio_memory", " +f'A"  # the kt variant the controls and the story test
 MAIN_METHOD = f"kt target={MAIN_TARGET}{MAIN_SUPERVISION}"
@@ -403,7 +403,7 @@ def simulated_like(data: MultimodalData, **knobs) -> MultimodalData:
 def equal_steps(profile_name: str, train_scale: float) -> dict:
     """TrainConfig overrides that give a smaller or larger training set the profile's number of optimisation steps
     (epochs / train_scale), so that a size comparison is about the data, not the training budget."""
-    from .train import profile
+    from .config import profile
 
     epochs = profile(profile_name).train.get("epochs", 40)
     return {} if train_scale == 1 else {"epochs": max(1, round(epochs / train_scale))}

@@ -37,12 +37,14 @@ import pandas as pd
 import torch
 
 from . import __version__
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import PROFILES, profile
 from .data import MultimodalData, atomic_write, from_recipe, project_root
-from .model import KTModel, ModelConfig, load_checkpoint, save_checkpoint
+from .model import KTModel, ModelConfig
 from .pool import JobsFailed, in_pool, one_job
 from .specs import LAYOUTS
 from .stats import fmt_mean_std, seed_table
-from .train import PROFILES, FitResult, TrainConfig, fit, profile
+from .train import FitResult, TrainConfig, fit
 
 _REFERENCE = Path(__file__).with_name("reference")
 
@@ -225,10 +227,10 @@ def config_label(config: dict) -> str:
     """A readable name for a run's configuration: the closest profile and every field that differs from it (the
     seed aside), e.g. ``"quick"``, ``"quick, consistency=l1"``, ``"quick, sim.audio_shared=0"``.
 
-    The profile's reference is ``ModelConfig.for_layout(layout, setting, **profile.model)``,
-    ``TrainConfig(**profile.train)`` and, on simulated data, the simulator's defaults at the profile's scale
-    (fields prefixed ``sim.``).  Two configurations can share a label (e.g. a field of an older run that no longer
-    exists); the ``config`` hash (:func:`config_id`) tells them apart.
+    The profile's reference is ``profile.model_config(layout, setting)``, ``profile.train_config()`` and, on
+    simulated data, the simulator's defaults at the profile's scale (fields prefixed ``sim.``).  Two configurations
+    can share a label (e.g. a field of an older run that no longer exists); the ``config`` hash
+    (:func:`config_id`) tells them apart.
     """
     from .simulate import SimConfig
 
@@ -238,11 +240,11 @@ def config_label(config: dict) -> str:
     for prof in PROFILES.values():
         try:
             if layout is not None:
-                ref_model = ModelConfig.for_layout(layout, setting=model.get("setting", "kt"), **prof.model)
+                ref_model = prof.model_config(layout, model.get("setting", "kt"))
             else:
                 shapes = {k: model[k] for k in ("feature_dims", "seq_lens", "task", "setting") if k in model}
                 ref_model = ModelConfig(**{**prof.model, **shapes})
-            ref_train = TrainConfig(**prof.train)
+            ref_train = prof.train_config()
         except (TypeError, ValueError):  # a profile that cannot describe this run
             continue
         changed = {**_changed(model, ref_model.to_dict(), skip=("setting",)),
@@ -376,9 +378,8 @@ def plan(data: MultimodalData, settings, seeds, profile_name: str = "quick", var
             overrides = dict(overrides)
             target_from = overrides.pop("target_from", "full")
             for seed in seeds:
-                job = Job(data, ModelConfig.for_layout(data.layout, setting=setting,
-                                                       **{**prof.model, **model_overrides, **overrides}),
-                          TrainConfig(**{**prof.train, **train, "seed": seed}), label)
+                job = Job(data, prof.model_config(data.layout, setting, **{**model_overrides, **overrides}),
+                          prof.train_config(**{**train, "seed": seed}), label)
                 if job.model.target_from_run:
                     job = _with_target(job, profile_name, target_from, model_overrides, train)
                 jobs.append(job)

@@ -12,20 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ktlib.model as model_module
-from ktlib.model import (
+import ktlib.layers as layers_module
+from ktlib.layers import (
     AttentionMask,
-    CrossModalAttention,
     Dropout,
     ExplicitAttention,
-    KTModel,
-    ModelConfig,
-    SinusoidalPositions,
-    TransformerEncoder,
     causal_mask,
     causal_mask_from_padding,
     dropout,
     dropout_mask,
+)
+from ktlib.model import (
+    CrossModalAttention,
+    KTModel,
+    ModelConfig,
+    SinusoidalPositions,
+    TransformerEncoder,
 )
 from ktlib.train import make_optimizer, task_loss
 
@@ -178,7 +180,7 @@ def test_fused_and_explicit_cpu_paths_agree(monkeypatch):
     mask = causal_mask_from_padding(front_padding([5, 2, 4], 5), kpm)
     with torch.no_grad():
         explicit = att(query, source, key_padding_mask=kpm, attn_mask=mask)[0]  # small: the explicit path
-        monkeypatch.setattr(model_module, "SMALL_ATTENTION", 0)
+        monkeypatch.setattr(layers_module, "SMALL_ATTENTION", 0)
         fused = att(query, source, key_padding_mask=kpm, attn_mask=mask)[0]
     assert torch.allclose(explicit, fused, atol=1e-6)
     assert torch.allclose(fused[2], att.out_proj.bias.expand(5, 8))  # no key: zero attention result
@@ -209,10 +211,10 @@ def test_long_causal_self_attention_equals_the_plain_stack(monkeypatch, training
     enc = TransformerEncoder(8, 2, layers=2, causal=True).train(training)  # no dropout: training is exact too
     x = torch.randn(4, 12, 8, requires_grad=True)
     pad = front_padding([12, 5, 1, 0], 12)
-    monkeypatch.setattr(model_module, "CAUSAL_CHUNK", 4)  # 12 >= 2 * 4: the real-first path
+    monkeypatch.setattr(layers_module, "CAUSAL_CHUNK", 4)  # 12 >= 2 * 4: the real-first path
     moved = enc(x, x_mask=pad)[0]
     grad_moved = torch.autograd.grad(moved.square().sum(), x)[0]
-    monkeypatch.setattr(model_module, "CAUSAL_CHUNK", 100)  # the plain path
+    monkeypatch.setattr(layers_module, "CAUSAL_CHUNK", 100)  # the plain path
     plain = enc(x, x_mask=pad)[0]
     grad_plain = torch.autograd.grad(plain.square().sum(), x)[0]
     assert torch.allclose(moved, plain, atol=1e-6)

@@ -16,22 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ktlib.checkpoint import load_checkpoint, save_checkpoint
 from ktlib.data import load_simulated, make_loader
+from ktlib.layers import causal_mask, causal_mask_from_padding, pool_onto, span_mask_from_padding
 from ktlib.model import (
+    SETTING_TABLE,
     SETTINGS,
     CrossModalAttention,
     KTModel,
     ModelConfig,
-    causal_mask,
-    causal_mask_from_padding,
     consistency_loss,
     count_parameters,
-    derangement,
-    load_checkpoint,
-    pool_onto,
-    save_checkpoint,
-    span_mask_from_padding,
 )
+from ktlib.model_extras import derangement, load_audio_encoder
 from ktlib.simulate import preset
 from ktlib.specs import MODALITIES, get_layout
 
@@ -48,7 +45,7 @@ SHORT = {
 # Sources fused per kept target, summed over the targets (all targets kept): the pooled width in units of d.
 # Three inputs: each target attends to the two others (3 x 2); two inputs: one each (2 x 1); a lone modality: itself.
 POOLED_SOURCES = {"full": 6, "kt": 6, "language_vision": 2, "vision_only": 1, "language_only": 1}
-AUDIO_FREE = ("kt", "language_vision", "vision_only", "language_only")  # settings that never read audio at inference
+AUDIO_FREE = [s for s in SETTINGS if "a" not in SETTING_TABLE[s].reads_at_test]  # never read audio at inference
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -349,7 +346,6 @@ def _audio_variants(batch):
 def test_prediction_ignores_audio_at_inference(setting, alignment):
     cfg = short_config(alignment, setting=setting)
     model = build(cfg).eval()
-    assert not model.reads_audio()
     batch = synth_batch(cfg, batch_size=3)
     with torch.no_grad():
         reference = model(batch)
@@ -368,7 +364,7 @@ def test_audio_traps_fire_where_audio_is_read():
     """Controls for the test above: the traps do catch a read (kt training, full at inference)."""
     kt = build(short_config("aligned", setting="kt")).train()
     full = build(short_config("aligned", setting="full")).eval()
-    assert kt.reads_audio() and full.reads_audio()
+    assert "a" in SETTING_TABLE["full"].reads_at_test and "a" not in SETTING_TABLE["kt"].reads_at_test
     batch = synth_batch(kt.cfg)
     for model in (kt, full):
         with pytest.raises(LookupError, match="audio|batch"):
@@ -903,7 +899,7 @@ def test_load_audio_encoder_copies_the_audio_projection():
     cfg = short_config("aligned", setting="kt")
     kt, full = build(cfg, seed=1), build(short_config("aligned", setting="full"), seed=2)
     assert not torch.equal(kt.proj["a"].conv.weight, full.proj["a"].conv.weight)
-    kt.load_audio_encoder(full)
+    load_audio_encoder(kt, full)
     assert torch.equal(kt.proj["a"].conv.weight, full.proj["a"].conv.weight)
     assert kt.proj["a"].conv.weight.data_ptr() != full.proj["a"].conv.weight.data_ptr()  # a copy, not shared
 
@@ -969,7 +965,7 @@ def test_target_from_a_run_is_that_runs_projected_audio_and_stays_fixed():
     cfg = short_config("aligned", setting="kt", kt_target="run")
     kt, full = build(cfg, seed=1), build(short_config("aligned", setting="full"), seed=2)
     assert isinstance(kt.kt.enc_a, nn.Identity), "with kt_target='run', f_A is the run's projection itself"
-    kt.load_audio_encoder(full)
+    load_audio_encoder(kt, full)
     batch = synth_batch(cfg)
     _, details = kt.train()(batch, return_details=True)
     with torch.no_grad():
@@ -978,13 +974,13 @@ def test_target_from_a_run_is_that_runs_projected_audio_and_stays_fixed():
     (details["loss_va"] + details["loss_la"]).backward()
     assert all(not p.requires_grad and p.grad is None for p in kt.proj["a"].parameters())
     with pytest.raises(ValueError, match=r"has no audio projection; use a run that saw real audio"):
-        kt.load_audio_encoder(build(short_config("aligned", setting="language_vision")))
+        load_audio_encoder(kt, build(short_config("aligned", setting="language_vision")))
 
 
 def test_memory_target_is_the_audio_only_runs_memory_output_over_its_audio():
     cfg = short_config("aligned", setting="kt", kt_target="run_memory")
     kt, audio_only = build(cfg, seed=1), build(short_config("aligned", setting="audio_only"), seed=2).eval()
-    kt.load_audio_encoder(audio_only)
+    load_audio_encoder(kt, audio_only)
     batch = synth_batch(cfg)
     _, details = kt.train()(batch, return_details=True)  # training mode: the target is still computed in eval mode
     with torch.no_grad():
@@ -994,7 +990,7 @@ def test_memory_target_is_the_audio_only_runs_memory_output_over_its_audio():
     (details["loss_va"] + details["loss_la"]).backward()
     assert all(not p.requires_grad and p.grad is None for p in kt.kt.enc_a.parameters())
     with pytest.raises(ValueError, match=r"reads the memory of an audio_only run, got a 'full' run"):
-        kt.load_audio_encoder(build(short_config("aligned", setting="full")))
+        load_audio_encoder(kt, build(short_config("aligned", setting="full")))
 
 
 def test_derangement_pairs_every_sample_with_another():

@@ -12,11 +12,13 @@ import torch
 import ktlib.runs
 import ktlib.train
 from ktlib.__main__ import main
+from ktlib.checkpoint import CheckpointError, load_checkpoint
+from ktlib.config import profile
 from ktlib.data import load_simulated
-from ktlib.model import SETTINGS, ModelConfig, load_checkpoint
+from ktlib.model import SETTINGS, ModelConfig
 from ktlib.runs import Run, compare_with_paper, grid, load_or_train, paper_table, run_id, summarize
 from ktlib.simulate import preset
-from ktlib.train import CheckpointError, TrainConfig, fit, profile
+from ktlib.train import TrainConfig, fit
 
 SMOKE = profile("smoke")
 

@@ -1,0 +1,60 @@
+"""Profiles and the one place where a run's configuration is merged.
+
+A :class:`Profile` (``smoke`` / ``quick`` / ``paper``) is a named bundle: model overrides, training settings and
+the simulator's scale.  A run's configuration is built by :meth:`Profile.model_config` and
+:meth:`Profile.train_config` only, in one order, later layers winning::
+
+    ModelConfig: the paper's Table 5 for the dataset  <  the data's shapes  <  the profile  <  overrides
+    TrainConfig: TrainConfig's defaults  <  the profile  <  overrides
+
+(``overrides`` are what a caller asks for: a grid's variant, a control's change, the seed.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .model import ModelConfig
+from .specs import Layout
+from .train import TrainConfig
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named bundle: model overrides, training settings and the simulator's scale."""
+
+    name: str
+    model: dict = field(default_factory=dict)  # ModelConfig overrides on top of the paper's configuration
+    train: dict = field(default_factory=dict)  # TrainConfig fields
+    scale: float = 1.0  # fraction of the published split sizes when the data is simulated
+    description: str = ""
+
+    def model_config(self, layout: Layout | str, setting: str, **overrides) -> ModelConfig:
+        """The model of ``setting`` on ``layout`` under this profile, with ``overrides`` (ModelConfig fields)."""
+        return ModelConfig.for_layout(layout, setting=setting, **{**self.model, **overrides})
+
+    def train_config(self, **overrides) -> TrainConfig:
+        """This profile's training settings with ``overrides`` (TrainConfig fields, e.g. ``seed``)."""
+        return TrainConfig(**{**self.train, **overrides})
+
+
+_NO_DROPOUT = dict(text_dropout=0.0, embed_dropout=0.0, relu_dropout=0.0, res_dropout=0.0, out_dropout=0.0,
+                   attn_dropout={"l": 0.0, "a": 0.0, "v": 0.0})
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile("smoke", model=dict(d=8, heads=2, layers=1, mem_layers=1, kt_layers=1, kt_target="run",
+                                         **_NO_DROPOUT),
+                     train=dict(epochs=2, batch_size=16), scale=0.05,
+                     description="seconds: plumbing checks and tests, numbers mean nothing"),
+    "quick": Profile("quick", model=dict(d=16, heads=4, layers=1, mem_layers=1, kt_layers=1, kt_target="run"),
+                     train=dict(epochs=8, batch_size=48, lr=3e-3), scale=1.0,
+                     description="minutes on a 2-core CPU: d=16, one layer per stack, 8 epochs"),
+    "paper": Profile("paper", model=dict(kt_target="run"),
+                     train=dict(epochs=40, batch_size=128, lr=1e-3, schedule="constant"),
+                     scale=1.0, description="the paper's Table 5 configuration and 40 epochs; meant for a GPU"),
+}
+
+
+def profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    return PROFILES[name]
