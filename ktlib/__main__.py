@@ -81,12 +81,13 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_params(args) -> int:
-    from .model import SETTINGS, KTModel, ModelConfig, count_parameters
+    from .config import model_config
+    from .model import SETTINGS, KTModel, count_parameters
 
     print(f"parameters at the paper's {args.dataset} configuration ({args.alignment}; d, layers, heads of Table 5)")
     print(f"{'setting':16s} {'total':>10s} {'projections':>12s} {'knowledge transfer':>19s} {'backbone':>10s}")
     for setting in SETTINGS:
-        model = KTModel(ModelConfig.for_layout(args.dataset, args.alignment, setting=setting))
+        model = KTModel(model_config(args.dataset, args.alignment, setting=setting))
         kt = count_parameters(model.kt) if model.kt is not None else 0
         print(f"{setting:16s} {count_parameters(model):10,d} {count_parameters(model.proj):12,d} {kt:19,d} "
               f"{count_parameters(model.backbone):10,d}")

@@ -105,6 +105,17 @@ def _time(step, steps: int, warmup: int, device) -> tuple[list[float], float]:
     return times, peak
 
 
+def _mosi_config(alignment: str, **overrides):
+    """The paper's MOSI configuration on ``alignment``'s shapes with ``overrides``, in this tree's ``ktlib``."""
+    try:
+        from ktlib.config import model_config
+    except ImportError:  # trees before ktlib.config: a class method of ModelConfig
+        from ktlib.model import ModelConfig
+
+        model_config = ModelConfig.for_layout
+    return model_config("mosi", alignment, **overrides)
+
+
 def measure_step(case: str, steps: int = 5, warmup: int = 2, device: str = "auto") -> dict:
     """ms per training step of case ``case`` of ``STEPS`` (median of ``steps`` after ``warmup``), peak memory.
 
@@ -115,7 +126,7 @@ def measure_step(case: str, steps: int = 5, warmup: int = 2, device: str = "auto
     import torch
 
     from ktlib import train
-    from ktlib.model import KTModel, ModelConfig
+    from ktlib.model import KTModel
 
     profile, alignment, batch_size = STEPS[case]
     dev = train.pick_device(device)
@@ -124,9 +135,9 @@ def measure_step(case: str, steps: int = 5, warmup: int = 2, device: str = "auto
         from ktlib.config import PROFILES as profiles
     settings = profiles[profile].model
     torch.manual_seed(0)
-    cfg = ModelConfig.for_layout("mosi", alignment, setting="kt", **settings)
+    cfg = _mosi_config(alignment, setting="kt", **settings)
     model = KTModel(cfg)
-    full = KTModel(ModelConfig.for_layout("mosi", alignment, setting="full", **settings))
+    full = KTModel(_mosi_config(alignment, setting="full", **settings))
     if hasattr(model, "load_audio_encoder"):  # trees before ktlib.model_extras: a method of the model
         model.load_audio_encoder(full)
     else:
@@ -164,12 +175,12 @@ def measure(alignment: str, setting: str, variant: str, batch_size: int, steps: 
     """
     import torch
 
-    from ktlib.model import KTModel, ModelConfig
+    from ktlib.model import KTModel
     from ktlib.train import pick_device, task_loss
 
     dev = pick_device(device)
     torch.manual_seed(0)
-    cfg = ModelConfig.for_layout("mosi", alignment, setting=setting, **VARIANTS[variant])
+    cfg = _mosi_config(alignment, setting=setting, **VARIANTS[variant])
     model = KTModel(cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     batch = {k: v.to(dev) for k, v in synthetic_batch(cfg, batch_size).items()}

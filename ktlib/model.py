@@ -45,7 +45,7 @@ from .layers import (
     dropout,
     real_first_pays,
 )
-from .specs import MODALITIES, Layout, get_layout
+from .specs import MODALITIES
 
 
 @dataclass(frozen=True)
@@ -82,17 +82,20 @@ KT_SOURCES = {"a": ("v", "l"), "v": ("l", "a"), "l": ("v", "a")}  # target -> (t
 KT_TARGETS = ("random", "trained", "run", "run_memory")  # where the consistency target f_A comes from (model_extras)
 
 
-def _per_modality(l, a, v) -> dict[str, int | float]:
+def per_modality(l, a, v) -> dict[str, int | float]:
     return {"l": l, "a": a, "v": v}
 
 
 @dataclass
 class ModelConfig:
-    """Every number the model needs.  Defaults: the paper's MOSI configuration (Table 5), word-aligned MOSI shapes."""
+    """Every number the model needs.  Defaults: the paper's MOSI configuration (Table 5), word-aligned MOSI shapes.
+
+    For a dataset's shapes and the paper's configuration of that dataset: :func:`ktlib.config.model_config`.
+    """
 
     # data
-    feature_dims: dict[str, int] = field(default_factory=lambda: _per_modality(300, 5, 20))  # input widths
-    seq_lens: dict[str, int] = field(default_factory=lambda: _per_modality(50, 50, 50))  # padded lengths
+    feature_dims: dict[str, int] = field(default_factory=lambda: per_modality(300, 5, 20))  # input widths
+    seq_lens: dict[str, int] = field(default_factory=lambda: per_modality(50, 50, 50))  # padded lengths
     task: str = "regression"  # regression: (B, 1) output; classification: IEMOCAP (B, 4, 2) logits
     # setting
     setting: str = "kt"  # a key of SETTING_TABLE: full | vision_only | language_only | language_vision | kt | ...
@@ -102,11 +105,11 @@ class ModelConfig:
     heads: int = 10  # attention heads (d divisible by heads)
     layers: int = 4  # depth of each cross-modal transformer
     mem_layers: int | None = None  # depth of each target's self-attention memory (None: MulT's max(layers, 3))
-    kernels: dict[str, int] = field(default_factory=lambda: _per_modality(1, 3, 3))  # Conv1d kernel per modality
+    kernels: dict[str, int] = field(default_factory=lambda: per_modality(1, 3, 3))  # Conv1d kernel per modality
     causal: bool = True  # MulT's future mask (stretched to the source's length in cross-modal blocks)
     text_dropout: float = 0.2  # dropout on the language input features ("text-embedding dropout")
     embed_dropout: float = 0.2  # dropout after scaling + positions inside every transformer ("block dropout")
-    attn_dropout: dict[str, float] = field(default_factory=lambda: _per_modality(0.1, 0.0, 0.0))  # per target
+    attn_dropout: dict[str, float] = field(default_factory=lambda: per_modality(0.1, 0.0, 0.0))  # per target
     relu_dropout: float = 0.1  # inside the feed-forward sublayer
     res_dropout: float = 0.1  # on each sublayer's output before the residual sum
     out_dropout: float = 0.1  # inside the residual MLP head
@@ -194,21 +197,6 @@ class ModelConfig:
             return "source"
         return "queries" if self.setting == "kt_any" else "language"
 
-    @classmethod
-    def for_layout(cls, layout: Layout | str, alignment: str = "aligned", preset: str = "paper",
-                   **overrides) -> ModelConfig:
-        """A configuration for a dataset's shapes, e.g. ``for_layout("mosi", "unaligned")``.
-
-        ``preset="paper"``: the paper's Table 5 for that dataset; ``"mult_code"``: the official MulT code defaults.
-        """
-        layout = get_layout(layout, alignment) if isinstance(layout, str) else layout
-        if preset not in ("paper", "mult_code"):
-            raise ValueError(f"preset must be 'paper' or 'mult_code', got {preset!r}")
-        base = dict(PAPER_CONFIGS.get(layout.dataset, {}) if preset == "paper" else MULT_CODE_DEFAULTS)
-        base.update(feature_dims=dict(layout.feature_dims), seq_lens=dict(layout.seq_lens), task=layout.task)
-        base.update(overrides)
-        return cls(**base)
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -226,18 +214,6 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         return cls.from_dict(json.loads(text))
-
-
-# The paper's Table 5 per dataset (d=40, 4 layers everywhere); kernels L/A/V.
-PAPER_CONFIGS: dict[str, dict] = {
-    "mosi": dict(heads=10, text_dropout=0.2, embed_dropout=0.2, out_dropout=0.1, kernels=_per_modality(1, 3, 3)),
-    "mosei": dict(heads=8, text_dropout=0.3, embed_dropout=0.1, out_dropout=0.1, kernels=_per_modality(1, 3, 3)),
-    "iemocap": dict(heads=10, text_dropout=0.3, embed_dropout=0.25, out_dropout=0.1, kernels=_per_modality(3, 5, 3)),
-}
-# The official MulT code's defaults (its command-line flags).
-MULT_CODE_DEFAULTS: dict = dict(d=30, layers=5, heads=5, kernels=_per_modality(1, 1, 1), text_dropout=0.25,
-                                embed_dropout=0.25, attn_dropout=_per_modality(0.1, 0.0, 0.0), relu_dropout=0.1,
-                                res_dropout=0.1, out_dropout=0.0, causal=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

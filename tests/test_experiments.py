@@ -130,14 +130,13 @@ def test_linear_probe_finds_more_of_the_audio_when_more_of_it_is_shared(sim_cach
 def _fake_run(store, setting: str, seed: int, mae: float, layout: str = "mosi_aligned", data_seed: int = 0,
               **model_overrides):
     """A finished run folder as load_or_train writes it (config.json, metrics.json, history.csv), no training."""
-    from ktlib.config import profile
-    from ktlib.model import ModelConfig
+    from ktlib.config import model_config, profile
     from ktlib.simulate import SimConfig
     from ktlib.specs import LAYOUTS
     from ktlib.train import TrainConfig
 
     quick = profile("quick")
-    model = ModelConfig.for_layout(LAYOUTS[layout], setting=setting, **{**quick.model, **model_overrides})
+    model = model_config(LAYOUTS[layout], setting=setting, **{**quick.model, **model_overrides})
     train = TrainConfig(**{**quick.train, "seed": seed})
     if layout == "mosi_utterance":
         data = {"layout": layout, "synthetic": False, "file": "mosi_poria2017_utt_stdsplit.pkl", "bytes": 2_500_000}

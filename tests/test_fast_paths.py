@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ktlib.layers as layers_module
+from ktlib.config import model_config
 from ktlib.layers import (
     AttentionMask,
     Dropout,
@@ -25,7 +26,6 @@ from ktlib.layers import (
 from ktlib.model import (
     CrossModalAttention,
     KTModel,
-    ModelConfig,
     SinusoidalPositions,
     TransformerEncoder,
 )
@@ -226,7 +226,7 @@ def test_long_causal_self_attention_equals_the_plain_stack(monkeypatch, training
 
 
 def _one_step(seed: int):
-    cfg = ModelConfig.for_layout("mosi", "aligned", setting="kt", d=8, heads=2, layers=1, mem_layers=1, kt_layers=1,
+    cfg = model_config("mosi", "aligned", setting="kt", d=8, heads=2, layers=1, mem_layers=1, kt_layers=1,
                                  seq_lens={"l": 12, "a": 12, "v": 12})
     torch.manual_seed(0)
     model = KTModel(cfg).train()
@@ -245,7 +245,7 @@ def _one_step(seed: int):
 
 
 def test_same_seed_gives_the_same_training_step_with_dropout_on():
-    assert ModelConfig.for_layout("mosi").attn_dropout["l"] > 0  # the paper's dropouts are on here
+    assert model_config("mosi").attn_dropout["l"] > 0  # the paper's dropouts are on here
     loss_a, params_a = _one_step(7)
     loss_b, params_b = _one_step(7)
     loss_c, _ = _one_step(8)

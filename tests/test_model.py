@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ktlib.checkpoint import load_checkpoint, save_checkpoint
+from ktlib.config import model_config
 from ktlib.data import load_simulated, make_loader
 from ktlib.layers import causal_mask, causal_mask_from_padding, pool_onto, span_mask_from_padding
 from ktlib.model import (
@@ -110,7 +111,7 @@ def build(cfg: ModelConfig, seed: int = 0) -> KTModel:
 @pytest.mark.parametrize(("dataset", "alignment"), PRESETS, ids=PRESET_IDS)
 def test_shapes_of_every_preset_and_setting(dataset, alignment, setting):
     layout = get_layout(dataset, alignment)
-    cfg = ModelConfig.for_layout(dataset, alignment, setting=setting, **TINY)
+    cfg = model_config(dataset, alignment, setting=setting, **TINY)
     assert cfg.task == layout.task and cfg.seq_lens == layout.seq_lens and cfg.feature_dims == layout.feature_dims
     model = build(cfg)
     batch = synth_batch(cfg, batch_size=2)
@@ -150,7 +151,7 @@ def test_shapes_of_every_preset_and_setting(dataset, alignment, setting):
 
 
 def test_classification_logits_are_four_binary_tasks():
-    cfg = ModelConfig.for_layout("iemocap", "aligned", **TINY, **NO_DROPOUT, seq_lens={"l": 6, "a": 6, "v": 6})
+    cfg = model_config("iemocap", "aligned", **TINY, **NO_DROPOUT, seq_lens={"l": 6, "a": 6, "v": 6})
     model = build(cfg).eval()
     batch = synth_batch(cfg, batch_size=3)
     with torch.no_grad():
@@ -273,7 +274,7 @@ def test_overfits_one_batch(simulated_batches, dataset, setting):
     12%), IEMOCAP kt 1.3%, the other settings 0.6-3.4%; after 60 steps every case is already below 15%.
     """
     batch = simulated_batches[dataset]
-    cfg = ModelConfig.for_layout(dataset, "aligned", setting=setting, **TINY, **NO_DROPOUT)
+    cfg = model_config(dataset, "aligned", setting=setting, **TINY, **NO_DROPOUT)
     model = build(cfg).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     history = []
@@ -584,7 +585,7 @@ def test_causal_mask_hand_example():
 ])
 @pytest.mark.parametrize(("dataset", "alignment"), [("mosi", "unaligned"), ("iemocap", "aligned")])
 def test_config_round_trips_through_json(dataset, alignment, overrides):
-    cfg = ModelConfig.for_layout(dataset, alignment, **overrides)
+    cfg = model_config(dataset, alignment, **overrides)
     text = cfg.to_json()
     assert json.loads(text)["targets"] == list(cfg.targets)  # plain JSON: the tuple is written as a list
     back = ModelConfig.from_json(text)
@@ -631,28 +632,28 @@ def test_invalid_config_values_raise_clear_errors(overrides, message):
 
 def test_source_time_axis_needs_equal_lengths():
     with pytest.raises(ValueError, match=r"kt_time_axis='source' needs l, a, v of one length.*use 'queries'"):
-        ModelConfig.for_layout("mosi", "unaligned", kt_time_axis="source")
-    assert ModelConfig.for_layout("mosi", "unaligned").time_axis == "language"
-    assert ModelConfig.for_layout("mosi", "unaligned", setting="kt_any").time_axis == "queries"
-    assert ModelConfig.for_layout("mosi", "aligned").time_axis == "source"
-    assert ModelConfig.for_layout("mosi", "aligned", kt_time_axis="queries").time_axis == "queries"
+        model_config("mosi", "unaligned", kt_time_axis="source")
+    assert model_config("mosi", "unaligned").time_axis == "language"
+    assert model_config("mosi", "unaligned", setting="kt_any").time_axis == "queries"
+    assert model_config("mosi", "aligned").time_axis == "source"
+    assert model_config("mosi", "aligned", kt_time_axis="queries").time_axis == "queries"
 
 
 def test_paper_configuration_per_dataset():
     # Table 5: d=40, 4 layers; heads 10 / 8 / 10; kernels L/A/V 1/3/3 (IEMOCAP 3/5/3)
-    mosi, mosei, iemocap = (ModelConfig.for_layout(d, "aligned") for d in ("mosi", "mosei", "iemocap"))
+    mosi, mosei, iemocap = (model_config(d, "aligned") for d in ("mosi", "mosei", "iemocap"))
     assert (mosi.d, mosi.layers, mosi.heads, mosi.task) == (40, 4, 10, "regression")
     assert (mosei.heads, mosei.text_dropout, mosei.embed_dropout) == (8, 0.3, 0.1)
     assert (iemocap.heads, iemocap.task, iemocap.kernels) == (10, "classification", {"l": 3, "a": 5, "v": 3})
     assert iemocap.seq_lens == {"l": 20, "a": 20, "v": 20}
-    assert ModelConfig.for_layout("mosi", "unaligned", d=16, heads=4).seq_lens == {"l": 50, "a": 375, "v": 500}
+    assert model_config("mosi", "unaligned", d=16, heads=4).seq_lens == {"l": 50, "a": 375, "v": 500}
     # the official MulT code's defaults: d=30, 5 layers, 5 heads, kernel 1 everywhere, output dropout 0
-    code = ModelConfig.for_layout("mosei", "unaligned", preset="mult_code")
+    code = model_config("mosei", "unaligned", preset="mult_code")
     assert (code.d, code.layers, code.heads, code.out_dropout) == (30, 5, 5, 0.0)
     assert code.kernels == {"l": 1, "a": 1, "v": 1} and code.feature_dims == {"l": 300, "a": 74, "v": 35}
     assert ModelConfig.from_json(code.to_json()) == code
     with pytest.raises(ValueError, match=r"preset must be 'paper' or 'mult_code', got 'tiny'"):
-        ModelConfig.for_layout("mosi", "aligned", preset="tiny")
+        model_config("mosi", "aligned", preset="tiny")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -878,7 +879,7 @@ def test_samples_without_audio_do_not_enter_the_consistency_loss(alignment):
 
 
 def test_parameter_counts_at_the_paper_mosi_config():
-    models = {s: KTModel(ModelConfig.for_layout("mosi", "aligned", setting=s)) for s in SETTINGS}
+    models = {s: KTModel(model_config("mosi", "aligned", setting=s)) for s in SETTINGS}
     counts = {s: count_parameters(m) for s, m in models.items()}
     assert counts["vision_only"] < counts["language_only"] < counts["language_vision"] < counts["full"] < counts["kt"]
     full, kt = models["full"], models["kt"]
@@ -1034,7 +1035,7 @@ def test_supervising_delta_adds_its_weighted_loss_to_the_consistency_term():
 def test_memory_depth_follows_mult():
     assert ModelConfig(layers=4).mem_layers == 4 and ModelConfig(layers=1).mem_layers == 3
     assert ModelConfig(layers=5, mem_layers=2).mem_layers == 2
-    assert ModelConfig.for_layout("mosi", "aligned").mem_layers == 4  # the paper's 4 layers
+    assert model_config("mosi", "aligned").mem_layers == 4  # the paper's 4 layers
 
 
 # ---------------------------------------------------------------------------------------------------------

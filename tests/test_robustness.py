@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from ktlib import experiments as E
-from ktlib.config import profile
+from ktlib.config import model_config, profile
 from ktlib.data import load_simulated, make_loader
 from ktlib.missing import Protocol, narrow, subset_presence
-from ktlib.model import KT_SOURCES, KTModel, ModelConfig
+from ktlib.model import KT_SOURCES, KTModel
 from ktlib.runs import Run, load_or_train, run_id
 from ktlib.simulate import preset
 from ktlib.specs import MODALITIES
@@ -33,7 +33,7 @@ def unaligned(tmp_path_factory):
 
 def _model(data, setting, seed=0, **overrides):
     torch.manual_seed(seed)
-    return KTModel(ModelConfig.for_layout(data.layout, setting=setting, **{**SMOKE.model, **overrides}))
+    return KTModel(model_config(data.layout, setting=setting, **{**SMOKE.model, **overrides}))
 
 
 def _batch(data, n=12, present=None, split="test"):
@@ -227,7 +227,7 @@ def test_distillation_student_never_reads_missing_inputs_at_test(distilled, mosi
 
 
 def test_fit_refuses_a_teacher_without_its_run_id(mosi):
-    model_cfg = ModelConfig.for_layout(mosi.layout, setting="full", **SMOKE.model)
+    model_cfg = model_config(mosi.layout, setting="full", **SMOKE.model)
     with pytest.raises(ValueError, match="distillation needs both"):
         fit(model_cfg, TrainConfig(**SMOKE.train, device="cpu"), mosi, progress=False, teacher=KTModel(model_cfg))
 
