@@ -153,11 +153,11 @@ class AttentionMask:
         return None if blocked is None else cls(blocked)
 
     @classmethod
-    def causal_real_first(cls, real: torch.Tensor, t: int, chunk: int) -> AttentionMask:
-        """Causal self-attention over sequences whose ``real`` (B, 1) real frames come first, padding after: row i
-        sees key j when j <= i and j < n.  Row i sees no key after itself, so rows [a, b) need keys [0, b) only."""
-        i = torch.arange(t, device=real.device)
-        blocked = (i[None, :] > i[:, None]) | (i >= real)[:, None, :]  # (B, T, T)
+    def causal_real_first(cls, n_real: torch.Tensor, t: int, chunk: int) -> AttentionMask:
+        """Causal self-attention over sequences whose ``n_real`` (B, 1) real frames come first, padding after: row i
+        sees key j when j <= i and j < n_real.  Row i sees no key after itself, so rows [a, b) need keys [0, b) only."""
+        i = torch.arange(t, device=n_real.device)
+        blocked = (i[None, :] > i[:, None]) | (i >= n_real)[:, None, :]  # (B, T, T)
         return cls(blocked[:, None], tuple((a, min(a + chunk, t)) for a in range(0, t, chunk)))
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
@@ -261,11 +261,11 @@ def causal_real_first(layers: nn.ModuleList, norm: nn.Module, x: torch.Tensor, p
     alone, and the attention sees the same keys), but each block of query rows then needs only the keys before its
     end, so the fused kernel skips about a third of the score matrix (:meth:`AttentionMask.causal_real_first`)."""
     t = x.shape[1]
-    real = (~pad).sum(1, keepdim=True)  # (B, 1)
+    n_real = (~pad).sum(1, keepdim=True)  # (B, 1)
     steps = torch.arange(t, device=x.device)[None, :]
-    to_front = ((steps + t - real) % t)[..., None].expand_as(x)  # (B, T, d): real frames first, then padding
-    back = ((steps + real) % t)[..., None].expand_as(x)  # its inverse
-    mask = AttentionMask.causal_real_first(real, t, CAUSAL_CHUNK)
+    to_front = ((steps + t - n_real) % t)[..., None].expand_as(x)  # (B, T, d): real frames first, then padding
+    back = ((steps + n_real) % t)[..., None].expand_as(x)  # its inverse
+    mask = AttentionMask.causal_real_first(n_real, t, CAUSAL_CHUNK)
     x = x.gather(1, to_front)
     for layer in layers:
         x = layer(x, None, mask)[0]
