@@ -633,13 +633,13 @@ class MultimodalDataset(Dataset):
         batch = {"present": present, "y": self.y[idx], "index": idx}
         for j, m in enumerate(MODALITIES):
             t, d = self.shapes[m]
-            keep = present[:, j]
+            has = present[:, j]  # (B,) samples that carry modality m
             x = torch.zeros(len(idx), t, d)
             pad = torch.ones(len(idx), t, dtype=torch.bool)
-            if keep.any():
-                rows = torch.from_numpy(np.asarray(self.x[m][idx[keep].numpy()]))  # (b, T, D)
-                x[keep] = rows
-                pad[keep] = ~(rows != 0).any(-1)  # True on padding frames (all-zero)
+            if has.any():
+                rows = torch.from_numpy(np.asarray(self.x[m][idx[has].numpy()]))  # (b, T, D)
+                x[has] = rows
+                pad[has] = ~(rows != 0).any(-1)  # True on padding frames (all-zero)
             batch[m], batch[f"mask_{m}"] = x, pad
         return batch
 

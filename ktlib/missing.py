@@ -304,9 +304,10 @@ def subset_presence(n: int, seed: SeedLike | np.random.Generator) -> np.ndarray:
     return (code[:, None] >> np.arange(len(MODALITIES))[None, :]) & 1 == 1
 
 
-def narrow(present: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """``present & keep`` row by row, except that a row left with nothing keeps ``present`` (one modality at least)."""
-    both = present & keep
+def narrow(present: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """``present & allowed`` row by row, except that a row left with nothing keeps ``present`` (one modality at
+    least); (n, 3) bool in (l, a, v) order (the mask vocabulary is in :mod:`ktlib.model`)."""
+    both = present & allowed
     empty = ~both.any(axis=1)
     both[empty] = present[empty]
     return both

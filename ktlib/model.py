@@ -79,7 +79,6 @@ SETTING_TABLE: dict[str, Setting] = {
 }
 SETTINGS = tuple(name for name, s in SETTING_TABLE.items() if s.in_paper)  # the five settings of Tables I-III
 KT_SOURCES = {"a": ("v", "l"), "v": ("l", "a"), "l": ("v", "a")}  # target -> (theta's source, phi's source)
-KT_TARGETS = ("random", "trained", "run", "run_memory")  # where the consistency target f_A comes from (model_extras)
 
 
 def per_modality(l, a, v) -> dict[str, int | float]:
@@ -132,43 +131,7 @@ class ModelConfig:
         self.targets = tuple(self.targets)
         if self.mem_layers is None:
             self.mem_layers = max(self.layers, 3)
-        checks = [
-            (self.setting in SETTING_TABLE, f"setting must be one of {tuple(SETTING_TABLE)}, got {self.setting!r}"),
-            (self.task in ("regression", "classification"), f"task must be regression or classification, got "
-                                                            f"{self.task!r}"),
-            (len(self.targets) > 0 and set(self.targets) <= set(MODALITIES) and len(set(self.targets)) ==
-             len(self.targets), f"targets must be distinct modalities among {MODALITIES}, got {self.targets}"),
-            (self.d > 0 and self.heads > 0 and self.d % self.heads == 0,
-             f"d ({self.d}) must be a positive multiple of heads ({self.heads})"),
-            (self.layers >= 1 and self.mem_layers >= 1 and self.kt_layers >= 1 and self.kt_encoder_layers >= 0,
-             "layers, mem_layers and kt_layers must be >= 1 (kt_encoder_layers >= 0)"),
-            (self.kt_time_axis in ("auto", "source", "language", "queries"),
-             f"kt_time_axis must be auto, source, language or queries, got {self.kt_time_axis!r}"),
-            (self.kt_concat in ("feature", "time"), f"kt_concat must be feature or time, got {self.kt_concat!r}"),
-            (self.kt_target in KT_TARGETS, f"kt_target must be one of {KT_TARGETS}, got {self.kt_target!r}"),
-            (self.kt_hat_weight >= 0 and math.isfinite(self.kt_hat_weight),
-             f"kt_hat_weight must be a finite number >= 0, got {self.kt_hat_weight}"),
-            (self.kt_time_axis != "language" or self.setting != "kt_any",
-             "kt_time_axis='language' is for the audio target of 'kt'; kt_any uses 'source' or 'queries'"),
-            (self.consistency in ("l1", "l2"), f"consistency must be l1 or l2, got {self.consistency!r}"),
-            (self.attn_impl in ("fused", "reference"), f"attn_impl must be fused or reference, got {self.attn_impl!r}"),
-            (self.attn_dropout_on in ("weights", "keys"), f"attn_dropout_on must be weights or keys, got "
-                                                          f"{self.attn_dropout_on!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        for name in ("feature_dims", "seq_lens", "kernels", "attn_dropout"):
-            value = getattr(self, name)
-            if set(value) != set(MODALITIES):
-                raise ValueError(f"{name} needs one entry per modality {MODALITIES}, got {sorted(value)}")
-        for name in ("text_dropout", "embed_dropout", "relu_dropout", "res_dropout", "out_dropout",
-                     *(f"attn_dropout[{m}]" for m in MODALITIES)):
-            p = self.attn_dropout[name[-2]] if name.startswith("attn") else getattr(self, name)
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must lie in [0, 1), got {p}")
-        if self.time_axis == "source" and len(set(self.seq_lens.values())) != 1:
-            raise ValueError(f"kt_time_axis='source' needs l, a, v of one length, got {self.seq_lens}; use 'queries'")
+        extras.validate_config(self)
 
     @property
     def target_from_run(self) -> bool:

@@ -42,12 +42,16 @@ The consistency target f_A (``kt_target``), always computed without dropout (:fu
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from . import model as M
 from .layers import pool_onto, span_mask_from_padding
 from .specs import MODALITIES
+
+KT_TARGETS = ("random", "trained", "run", "run_memory")  # where the consistency target f_A comes from (docstring)
 
 
 def modality_encoder(cfg, m: str) -> nn.Module:
@@ -163,3 +167,45 @@ def load_audio_encoder(model: nn.Module, other: nn.Module) -> None:
     model.proj["a"].requires_grad_(False)  # a fixed target: nothing in this model changes it
     if model.kt is not None:
         model.kt.enc_a.requires_grad_(False)
+
+
+def validate_config(cfg) -> None:
+    """Refuse a :class:`ktlib.model.ModelConfig` whose fields are out of range or do not fit together (ValueError
+    naming the field); most of its options are the ones this module describes."""
+    checks = [
+        (cfg.setting in M.SETTING_TABLE, f"setting must be one of {tuple(M.SETTING_TABLE)}, got {cfg.setting!r}"),
+        (cfg.task in ("regression", "classification"), f"task must be regression or classification, got "
+                                                        f"{cfg.task!r}"),
+        (len(cfg.targets) > 0 and set(cfg.targets) <= set(MODALITIES) and len(set(cfg.targets)) ==
+         len(cfg.targets), f"targets must be distinct modalities among {MODALITIES}, got {cfg.targets}"),
+        (cfg.d > 0 and cfg.heads > 0 and cfg.d % cfg.heads == 0,
+         f"d ({cfg.d}) must be a positive multiple of heads ({cfg.heads})"),
+        (cfg.layers >= 1 and cfg.mem_layers >= 1 and cfg.kt_layers >= 1 and cfg.kt_encoder_layers >= 0,
+         "layers, mem_layers and kt_layers must be >= 1 (kt_encoder_layers >= 0)"),
+        (cfg.kt_time_axis in ("auto", "source", "language", "queries"),
+         f"kt_time_axis must be auto, source, language or queries, got {cfg.kt_time_axis!r}"),
+        (cfg.kt_concat in ("feature", "time"), f"kt_concat must be feature or time, got {cfg.kt_concat!r}"),
+        (cfg.kt_target in KT_TARGETS, f"kt_target must be one of {KT_TARGETS}, got {cfg.kt_target!r}"),
+        (cfg.kt_hat_weight >= 0 and math.isfinite(cfg.kt_hat_weight),
+         f"kt_hat_weight must be a finite number >= 0, got {cfg.kt_hat_weight}"),
+        (cfg.kt_time_axis != "language" or cfg.setting != "kt_any",
+         "kt_time_axis='language' is for the audio target of 'kt'; kt_any uses 'source' or 'queries'"),
+        (cfg.consistency in ("l1", "l2"), f"consistency must be l1 or l2, got {cfg.consistency!r}"),
+        (cfg.attn_impl in ("fused", "reference"), f"attn_impl must be fused or reference, got {cfg.attn_impl!r}"),
+        (cfg.attn_dropout_on in ("weights", "keys"), f"attn_dropout_on must be weights or keys, got "
+                                                      f"{cfg.attn_dropout_on!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    for name in ("feature_dims", "seq_lens", "kernels", "attn_dropout"):
+        value = getattr(cfg, name)
+        if set(value) != set(MODALITIES):
+            raise ValueError(f"{name} needs one entry per modality {MODALITIES}, got {sorted(value)}")
+    for name in ("text_dropout", "embed_dropout", "relu_dropout", "res_dropout", "out_dropout",
+                 *(f"attn_dropout[{m}]" for m in MODALITIES)):
+        p = cfg.attn_dropout[name[-2]] if name.startswith("attn") else getattr(cfg, name)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {p}")
+    if cfg.time_axis == "source" and len(set(cfg.seq_lens.values())) != 1:
+        raise ValueError(f"kt_time_axis='source' needs l, a, v of one length, got {cfg.seq_lens}; use 'queries'")
