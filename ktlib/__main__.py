@@ -81,12 +81,13 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_params(args) -> int:
-    from .model import SETTINGS, KTModel, ModelConfig, count_parameters
+    from .config import model_config
+    from .model import SETTINGS, KTModel, count_parameters
 
     print(f"parameters at the paper's {args.dataset} configuration ({args.alignment}; d, layers, heads of Table 5)")
     print(f"{'setting':16s} {'total':>10s} {'projections':>12s} {'knowledge transfer':>19s} {'backbone':>10s}")
     for setting in SETTINGS:
-        model = KTModel(ModelConfig.for_layout(args.dataset, args.alignment, setting=setting))
+        model = KTModel(model_config(args.dataset, args.alignment, setting=setting))
         kt = count_parameters(model.kt) if model.kt is not None else 0
         print(f"{setting:16s} {count_parameters(model):10,d} {count_parameters(model.proj):12,d} {kt:19,d} "
               f"{count_parameters(model.backbone):10,d}")
@@ -94,8 +95,8 @@ def cmd_params(args) -> int:
 
 
 def _load(args):
+    from .config import profile
     from .data import get_data
-    from .train import profile
 
     scale = args.scale if args.scale is not None else profile(args.profile).scale
     return get_data(args.dataset, args.alignment, source=args.source, data_dir=args.data_path, scale=scale,
@@ -255,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alignment", choices=ALIGNMENTS, default="aligned", help="input shapes (default aligned)")
     p.set_defaults(func=cmd_params)
 
+    from .config import PROFILES
     from .model import SETTINGS
-    from .train import PROFILES
 
     def add_run_options(p, settings_many: bool):
         p.add_argument("--dataset", choices=(*DATASETS, "mosi_utterance"), default="mosi",

@@ -25,6 +25,8 @@ Measures, all on frames where both the audio and the reconstruction are real:
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +34,8 @@ import pandas as pd
 import torch
 
 from .data import MultimodalData, make_loader
-from .model import KTModel, pool_onto
+from .layers import pool_onto
+from .model import KTModel
 
 NAMES = {"f_a": "f_A (real audio)", "f_a_hat": "f'_A (reconstructed)", "a_from_v": "θ(f_V) (from vision)",
          "a_from_l": "φ(f_L) (from language)"}
@@ -274,6 +277,15 @@ def reconstruction_embeddings(model: KTModel, data: MultimodalData) -> dict[str,
     return {s: audio_embeddings(model, data, s) for s in ("train", "valid", "test")}
 
 
+def import_umap():
+    """``import umap`` with a writable numba cache: umap-learn compiles with numba, which fails on a read-only
+    install unless ``NUMBA_CACHE_DIR`` has a writable home (a default is set only where the user has none)."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(tempfile.gettempdir(), "ktlib-numba-cache"))
+    import umap
+
+    return umap
+
+
 def embed_2d(blocks: dict[str, np.ndarray], method: str = "pca", seed: int = 0) -> dict[str, np.ndarray]:
     """One 2-D map shared by all blocks ((N_i, d) each): PCA or UMAP fitted on all points together, so positions
     are comparable across blocks."""
@@ -284,8 +296,7 @@ def embed_2d(blocks: dict[str, np.ndarray], method: str = "pca", seed: int = 0) 
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
         points = centred @ vt[:2].T
     elif method == "umap":
-        import umap
-
+        umap = import_umap()
         neighbours = int(min(15, len(stacked) - 1))
         points = umap.UMAP(n_neighbors=neighbours, min_dist=0.1, random_state=seed).fit_transform(stacked)
     else:

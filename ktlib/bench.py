@@ -105,6 +105,36 @@ def _time(step, steps: int, warmup: int, device) -> tuple[list[float], float]:
     return times, peak
 
 
+def _mosi_config(alignment: str, **overrides):
+    """The paper's MOSI configuration on ``alignment``'s shapes with ``overrides``, in this tree's ``ktlib``."""
+    try:
+        from ktlib.config import model_config
+    except ImportError:  # trees before ktlib.config: a class method of ModelConfig
+        from ktlib.model import ModelConfig
+
+        model_config = ModelConfig.for_layout
+    return model_config("mosi", alignment, **overrides)
+
+
+def _profiles() -> dict:
+    """This tree's training profiles (trees before ktlib.config kept them in ktlib.train)."""
+    from ktlib import train
+
+    profiles = getattr(train, "PROFILES", None)
+    if profiles is None:
+        from ktlib.config import PROFILES as profiles
+    return profiles
+
+
+def _load_audio_encoder(model, source) -> None:
+    if hasattr(model, "load_audio_encoder"):  # trees before ktlib.model_extras: a method of the model
+        model.load_audio_encoder(source)
+    else:
+        from ktlib.model_extras import load_audio_encoder
+
+        load_audio_encoder(model, source)
+
+
 def training_step(model_cfg, train_cfg, batch_size: int, device: str = "auto"):
     """``(step, device)``: one call of ``step()`` is ``fit``'s training step (forward, task and consistency losses,
     backward, clipping, the optimiser ``fit`` builds) of a fresh model of ``model_cfg`` on a synthetic batch.
@@ -122,7 +152,7 @@ def training_step(model_cfg, train_cfg, batch_size: int, device: str = "auto"):
     model = KTModel(model_cfg)
     if model_cfg.setting == "kt" and model_cfg.kt_target in ("run", "run_memory"):
         source = "audio_only" if model_cfg.kt_target == "run_memory" else "full"
-        model.load_audio_encoder(KTModel(type(model_cfg).from_dict({**model_cfg.to_dict(), "setting": source})))
+        _load_audio_encoder(model, KTModel(type(model_cfg).from_dict({**model_cfg.to_dict(), "setting": source})))
     model = model.to(dev).train()
     # trees before the fused optimiser have no make_optimizer: their fit used plain Adam
     make_optimizer = getattr(train, "make_optimizer", lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr))
@@ -148,26 +178,27 @@ def step_seconds(model_cfg, train_cfg, steps: int = 1, warmup: int = 0, device: 
     return statistics.median(_time(step, steps, warmup, dev)[0])
 
 
-def measure_step(case: str, steps: int = 5, warmup: int = 2, device: str = "auto") -> dict:
-    """ms per training step of case ``case`` of ``STEPS`` (median of ``steps`` after ``warmup``), peak memory.
-
-    The step is :func:`training_step`'s, of a ``kt`` model whose consistency target is the audio projection of a
-    fresh ``full`` model.  Call it in a fresh process (:func:`run_isolated`) for the peak memory to be the step's own.
-    """
-    import torch
-
+def kt_step(case: str, device: str = "auto"):
+    """:func:`training_step` of case ``case`` of ``STEPS``: a ``kt`` model of the case's profile whose consistency
+    target is the audio projection of a fresh ``full`` model, at the case's batch size."""
     from ktlib import train
-    from ktlib.model import ModelConfig
 
     profile, alignment, batch_size = STEPS[case]
-    settings = train.PROFILES[profile].model
-    train_cfg = train.TrainConfig(**train.PROFILES[profile].train)
-    cfg = ModelConfig.for_layout("mosi", alignment, setting="kt", **{**settings, "kt_target": "run"})
-    step, dev = training_step(cfg, train_cfg, batch_size, device)
+    prof = _profiles()[profile]
+    cfg = _mosi_config(alignment, setting="kt", **{**prof.model, "kt_target": "run"})
+    return training_step(cfg, train.TrainConfig(**prof.train), batch_size, device)
+
+
+def measure_step(case: str, steps: int = 5, warmup: int = 2, device: str = "auto") -> dict:
+    """ms per training step of case ``case`` of ``STEPS`` (:func:`kt_step`; median of ``steps`` after ``warmup``),
+    peak memory.  Call it in a fresh process (:func:`run_isolated`) for the peak memory to be the step's own."""
+    import torch
+
+    step, dev = kt_step(case, device)
     times, peak = _time(step, steps, warmup, dev)
     return {"case": case, "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "ms": 1000 * statistics.median(times), "ms_all": [1000 * t for t in times], "peak_mb": peak,
-            "batch_size": batch_size}
+            "batch_size": STEPS[case][2]}
 
 
 def measure(alignment: str, setting: str, variant: str, batch_size: int, steps: int, device: str,
@@ -179,12 +210,12 @@ def measure(alignment: str, setting: str, variant: str, batch_size: int, steps: 
     """
     import torch
 
-    from ktlib.model import KTModel, ModelConfig
+    from ktlib.model import KTModel
     from ktlib.train import pick_device, task_loss
 
     dev = pick_device(device)
     torch.manual_seed(0)
-    cfg = ModelConfig.for_layout("mosi", alignment, setting=setting, **VARIANTS[variant])
+    cfg = _mosi_config(alignment, setting=setting, **VARIANTS[variant])
     model = KTModel(cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     batch = {k: v.to(dev) for k, v in synthetic_batch(cfg, batch_size).items()}

@@ -299,6 +299,20 @@ def _fail(source: str, where: str, problem: str, fix: str = _REDOWNLOAD) -> Data
     return DataFileError(f"{source}: {where}: {problem}. {fix}")
 
 
+def _features(arrays: dict, m: str, layout: Layout | None, shapes: dict, source: str, split: str, copy: bool,
+              nonfinite: dict[str, int]) -> np.ndarray:
+    """Modality m of one split as float32, its shape checked, NaN and +-inf set to 0 and counted in ``nonfinite``."""
+    key = FILE_KEYS[m]
+    x = arrays[key]
+    _check_shape(x, m, layout, shapes, source, f"split '{split}', key '{key}'")
+    x = np.array(x, dtype=np.float32) if copy else np.asarray(x, dtype=np.float32)  # asarray: no copy
+    bad = ~np.isfinite(x)
+    if bad.any():
+        nonfinite[f"{split}/{key}"] = int(bad.sum())
+        x[bad] = 0.0
+    return x
+
+
 def validate_raw(raw: object, layout: Layout | None, source: str,
                  copy: bool = True) -> tuple[dict[str, SplitData], dict[str, int]]:
     """Check a MulT-layout dict; return clean splits and counts of replaced non-finite values.
@@ -323,17 +337,7 @@ def validate_raw(raw: object, layout: Layout | None, source: str,
     for split in SPLITS:
         arrays, n = _split_arrays(raw[split], source, split)
         labels = _labels(arrays.pop("labels"), layout, source, split)
-        feats = {}
-        for m in MODALITIES:
-            key = FILE_KEYS[m]
-            x = arrays[key]
-            _check_shape(x, m, layout, shapes, source, f"split '{split}', key '{key}'")
-            x = np.array(x, dtype=np.float32) if copy else np.asarray(x, dtype=np.float32)  # asarray: no copy
-            bad = ~np.isfinite(x)
-            if bad.any():
-                nonfinite[f"{split}/{key}"] = int(bad.sum())
-                x[bad] = 0.0
-            feats[m] = x
+        feats = {m: _features(arrays, m, layout, shapes, source, split, copy, nonfinite) for m in MODALITIES}
         ids = _ids(raw[split].get("id"), n, source, split)
         splits[split] = SplitData(l=feats["l"], a=feats["a"], v=feats["v"], labels=labels, ids=ids)
     if nonfinite:
@@ -629,18 +633,19 @@ class MultimodalDataset(Dataset):
         batch = {"present": present, "y": self.y[idx], "index": idx}
         for j, m in enumerate(MODALITIES):
             t, d = self.shapes[m]
-            keep = present[:, j]
+            has = present[:, j]  # (B,) samples that carry modality m
             x = torch.zeros(len(idx), t, d)
             pad = torch.ones(len(idx), t, dtype=torch.bool)
-            if keep.any():
-                rows = torch.from_numpy(np.asarray(self.x[m][idx[keep].numpy()]))  # (b, T, D)
-                x[keep] = rows
-                pad[keep] = ~(rows != 0).any(-1)  # True on padding frames (all-zero)
+            if has.any():
+                rows = torch.from_numpy(np.asarray(self.x[m][idx[has].numpy()]))  # (b, T, D)
+                x[has] = rows
+                pad[has] = ~(rows != 0).any(-1)  # True on padding frames (all-zero)
             batch[m], batch[f"mask_{m}"] = x, pad
         return batch
 
 
-def _keep_batch(batch):
+def _collated_already(batch):
+    """The collate function: :meth:`MultimodalDataset.__getitems__` already returns the whole batch dict."""
     return batch
 
 
@@ -653,4 +658,4 @@ def make_loader(data: MultimodalData | SplitData, split: str = "train", batch_si
     shuffle = (split == "train") if shuffle is None else shuffle
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
-                      collate_fn=_keep_batch, pin_memory=torch.cuda.is_available())
+                      collate_fn=_collated_already, pin_memory=torch.cuda.is_available())

@@ -8,7 +8,7 @@ the same functions, so a result is read back from the run store, never trained t
   consistency target against language+vision and a placebo target, in the cells of the simulator's story
   (:func:`transfer_cells`), and each of the story's predictions beside its outcome; :func:`shared_runs` sweeps
   the knob ``audio_shared``.
-- :func:`paired_differences` and :func:`claims`: kt against language+vision seed by seed, and which of the paper's
+- :func:`paired_comparison` and :func:`claims`: kt against language+vision seed by seed, and which of the paper's
   claims a set of runs supports.  Both pair the two sides by training seed and judge with the one rule of
   :mod:`ktlib.stats`: the mean of the signed per-seed differences, its 95 % Student-t interval and the sign count;
   "supported" only when the interval excludes zero in the claimed direction, "opposite" when it excludes zero the
@@ -31,7 +31,7 @@ import pandas as pd
 
 from .data import MultimodalData, atomic_write, from_recipe, load_simulated
 from .metrics import LOWER_IS_BETTER
-from .missing import RATES, Protocol, auilc
+from .missing import RATES, Protocol, auilc, sweep
 from .model import SETTINGS  # the five settings of Tables I-III
 from .pool import in_pool, one_job
 from .runs import (
@@ -44,7 +44,7 @@ from .runs import (
     read_jobs,
     run_id,
     run_jobs,
-    train_missing,
+    train_pending,
 )
 from .stats import paired, seed_table
 
@@ -59,7 +59,7 @@ FAMILIES = {"consistency": CONSISTENCY, "targets": TARGETS,
 def main_runs(data: MultimodalData, seeds, profile_name: str, workers: int | None = None,
               progress: bool = True, scheduler: str | None = None) -> pd.DataFrame:
     """The five settings x seeds (trained, or read back from the store): a tidy table.  ``workers``,
-    ``scheduler``: where the runs train (:func:`ktlib.runs.train_missing`), here and in every ``*_runs``."""
+    ``scheduler``: where the runs train (:func:`ktlib.runs.train_pending`), here and in every ``*_runs``."""
     return run_jobs(plan(data, SETTINGS, seeds, profile_name), progress=progress, workers=workers,
                     scheduler=scheduler)
 
@@ -68,7 +68,7 @@ def ablation_runs(data: MultimodalData, seeds, profile_name: str, workers: int |
                   progress: bool = True, scheduler: str | None = None) -> dict[str, pd.DataFrame]:
     """Each ablation family (``FAMILIES``) of the kt model: family name -> tidy table (variant = the label)."""
     jobs = {name: plan(data, ["kt"], seeds, profile_name, variants) for name, variants in FAMILIES.items()}
-    train_missing([j for js in jobs.values() for j in js], progress=progress, workers=workers,
+    train_pending([j for js in jobs.values() for j in js], progress=progress, workers=workers,
                   scheduler=scheduler)  # all at once
     return {name: read_jobs(js) for name, js in jobs.items()}
 
@@ -99,7 +99,7 @@ def _judged(diff: list[float]) -> dict:
             "signs": result.signs, "verdict": result.verdict}
 
 
-def paired_differences(tidy: pd.DataFrame, a: str = "kt", b: str = "language_vision", split: str = "test",
+def paired_comparison(tidy: pd.DataFrame, a: str = "kt", b: str = "language_vision", split: str = "test",
                        metrics=("mae", "corr", "acc2_non0", "f1_non0", "acc7"),
                        column: str = "setting") -> pd.DataFrame:
     """Seed by seed, ``a`` minus ``b`` (values of ``column``) per metric, signed so that positive means ``a`` is
@@ -194,7 +194,7 @@ MASK_SEED = 0  # every model is scored on the same test masks; the spread over s
 def _protocols(kind: str, phase: str, rates) -> list[Protocol]:
     if kind == "fixed":
         return [Protocol("fixed", modalities=m, phase=phase, seed=MASK_SEED) for m in FIXED]
-    return [Protocol(kind, rate=float(r), phase=phase, seed=MASK_SEED) for r in rates]
+    return sweep(kind, rates, phase, MASK_SEED)
 
 
 def _level(protocol: Protocol) -> str:
@@ -281,7 +281,7 @@ def robustness_runs(data: MultimodalData, seeds, profile_name: str, kinds=("fixe
                     jobs.setdefault(rid, job)
                     if job.variant == method:
                         cells.append((method, protocol, job.train.seed, rid))
-    train_missing(list(jobs.values()), progress=progress, workers=workers, scheduler=scheduler)
+    train_pending(list(jobs.values()), progress=progress, workers=workers, scheduler=scheduler)
     folder = default_runs_dir().resolve()
     scored: dict[str, list[Protocol]] = {}  # run id -> the protocols it is scored under (test-only runs)
     for _, protocol, _, rid in cells:
@@ -368,7 +368,7 @@ TRANSFER_TARGETS = {
     "placebo_memory": {"kt_target": "run_memory", "target_from": "audio_only", "kt_target_shuffle": True},
 }
 PLACEBOS = {"audio_memory": "placebo_memory"}  # a target's placebo where it is not "placebo" (full, shuffled)
-SUPERVISION = {"": {}, " +f'A": {"kt_hat_weight": 1.0}}  # delta's output f'_A supervised too (beyond eq. 6)
+SUPERVISION = {"": {}, " +f'A": {"kt_hat_weight": 1.0}}  # delta's output f'_A supervised too (beyond the paper's loss)
 SUPERVISION_CHOICES = {"without": ("",), "with": (" +f'A",), "both": ("", " +f'A")}  # notebook 4's `supervision`
 MAIN_TARGET, MAIN_SUPERVISION = "audio_memory", " +f'A"  # the kt variant the controls and the story test
 MAIN_METHOD = f"kt target={MAIN_TARGET}{MAIN_SUPERVISION}"
@@ -403,7 +403,7 @@ def simulated_like(data: MultimodalData, **knobs) -> MultimodalData:
 def equal_steps(profile_name: str, train_scale: float) -> dict:
     """TrainConfig overrides that give a smaller or larger training set the profile's number of optimisation steps
     (epochs / train_scale), so that a size comparison is about the data, not the training budget."""
-    from .train import profile
+    from .config import profile
 
     epochs = profile(profile_name).train.get("epochs", 40)
     return {} if train_scale == 1 else {"epochs": max(1, round(epochs / train_scale))}
@@ -425,7 +425,7 @@ def transfer_runs(data: MultimodalData, cells: dict[str, Cell], seeds, profile_n
     """Every cell's baselines and kt variants over the seeds, trained together: a tidy table with a ``cell`` and a
     ``method`` column (the baseline's or kt variant's label)."""
     jobs = {name: _cell_jobs(data, cell, seeds, profile_name) for name, cell in cells.items()}
-    train_missing([j for js in jobs.values() for j in js], progress=progress, workers=workers, scheduler=scheduler)
+    train_pending([j for js in jobs.values() for j in js], progress=progress, workers=workers, scheduler=scheduler)
     tables = [read_jobs(js).assign(cell=name) for name, js in jobs.items()]
     tidy = pd.concat(tables, ignore_index=True)
     tidy["method"] = np.where(tidy["setting"] == "kt", "kt " + tidy["variant"], tidy["variant"])

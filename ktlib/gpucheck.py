@@ -76,15 +76,10 @@ def _probe_worker(case: str, steps: int, warmup: int, device: str, barrier, queu
     """One of ``k`` processes: warm up, wait for the others, time ``steps`` training steps together."""
     import torch
 
-    from . import train
-    from .bench import STEPS, training_step
-    from .model import ModelConfig
+    from .bench import kt_step
 
     torch.set_num_threads(1)
-    profile, alignment, batch_size = STEPS[case]
-    prof = train.PROFILES[profile]
-    cfg = ModelConfig.for_layout("mosi", alignment, setting="kt", **prof.model)
-    step, dev = training_step(cfg, train.TrainConfig(**prof.train), batch_size, device)
+    step, dev = kt_step(case, device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         step()

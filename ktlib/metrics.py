@@ -243,15 +243,6 @@ def f1_has0(pred: npt.ArrayLike, truth: npt.ArrayLike) -> float:
     return weighted_f1(t_pos, p_pos)
 
 
-def f1_has0_mult_order(pred: npt.ArrayLike, truth: npt.ArrayLike) -> float:
-    """Weighted F1, "Has0", with MulT's swapped argument order (pred, truth). For comparison only.
-
-    The "Has0" counterpart of ``f1_non0_mult_order``; use ``f1_has0`` for everything else.
-    """
-    p_pos, t_pos = _has0_classes(pred, truth)
-    return weighted_f1(p_pos, t_pos)
-
-
 def regression_metrics(pred: npt.ArrayLike, truth: npt.ArrayLike) -> dict[str, float]:
     """All regression metrics at once, as fractions in [0, 1] (tables multiply by 100).
 

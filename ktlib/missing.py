@@ -1,7 +1,8 @@
 """Missing-data protocols: named, documented, seeded transforms of presence matrices and batches, and AUILC.
 
-Other systems report robustness to missing data under a few protocols (see ``METHOD_NOTES.md``, "Other
-systems"); this module writes each one down once so every model is scored under exactly the same masks.
+Other systems report robustness to missing data under a few protocols (frame-level: TFR-Net, EMT-DLFR, LNLN;
+modality-level: GCNet, IMDer, MMIN); this module writes each one down once so every model is scored under exactly
+the same masks.
 
 Protocols (:class:`Protocol`, field ``kind``)
 ---------------------------------------------
@@ -31,7 +32,7 @@ How to use them with :func:`ktlib.data.make_loader`
 - fixed / modality: ``make_loader(data, split, missing=protocol.presence(len(data[split]), split))``; the loader
   then never reads the absent entries.
 - frame: ``batch, dropped = protocol.apply_batch(batch, split)`` on each batch (a new dict; the input tensors are
-  not modified).  :func:`drop_frames_split` is a numpy version for a whole split; read its note on padding masks.
+  not modified).
 
 Randomness
 ----------
@@ -58,7 +59,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .data import SplitData, presence_matrix
+from .data import presence_matrix
 from .specs import MODALITIES, MODALITY_NAMES, SPLITS
 
 KINDS = ("none", "fixed", "modality", "frame")
@@ -201,20 +202,6 @@ class Protocol:
         """Whether this protocol changes data of ``split``; see :func:`applies`."""
         return applies(self, split)
 
-    def expected_missing_rate(self) -> float:
-        """The expected share of missing entries this protocol produces where it applies.
-
-        Per (sample, modality) cell for "fixed" (``len(modalities) / 3``) and "modality"
-        (:func:`expected_modality_missing_rate`); per real frame for "frame" (``rate``); 0 for "none".
-        """
-        if self.kind == "fixed":
-            return len(self.modalities) / len(MODALITIES)
-        if self.kind == "modality":
-            return expected_modality_missing_rate(self.rate)
-        if self.kind == "frame":
-            return self.rate
-        return 0.0
-
     def presence(self, n: int, split: str, epoch: int = 0) -> np.ndarray:
         """(n, 3) bool presence matrix in (l, a, v) order for ``split``, for ``make_loader(missing=...)``.
 
@@ -244,18 +231,6 @@ class Protocol:
             return drop_frames(batch, self.rate, seed=self._seed_for(split, epoch))
         _batch_modalities(batch)  # same checks whichever protocol is in use
         return dict(batch), {m: torch.zeros_like(batch[f"mask_{m}"]) for m in MODALITIES if m in batch}
-
-    def apply_split(self, data: SplitData, split: str, epoch: int = 0) -> tuple[SplitData, dict[str, np.ndarray]]:
-        """Frame-level missing on a whole split (see :func:`drop_frames_split`, and its note on padding masks).
-
-        The masks equal those :meth:`apply_batch` draws for the same samples.  Other kinds, or a split the protocol
-        does not apply to, return ``data`` itself and all-False masks.
-        """
-        _check_split(split)
-        epoch = _check_epoch(epoch)
-        if self.kind == "frame" and self.applies_to(split):
-            return drop_frames_split(data, self.rate, seed=self._seed_for(split, epoch))
-        return data, {m: np.zeros(data.features(m).shape[:2], dtype=bool) for m in MODALITIES}
 
     def _seed_for(self, split: str, epoch: int) -> list[int]:
         return [self.seed, _STREAM[self.kind], _SPLIT_CODE[split], epoch]
@@ -329,9 +304,10 @@ def subset_presence(n: int, seed: SeedLike | np.random.Generator) -> np.ndarray:
     return (code[:, None] >> np.arange(len(MODALITIES))[None, :]) & 1 == 1
 
 
-def narrow(present: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """``present & keep`` row by row, except that a row left with nothing keeps ``present`` (one modality at least)."""
-    both = present & keep
+def narrow(present: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """``present & allowed`` row by row, except that a row left with nothing keeps ``present`` (one modality at
+    least); (n, 3) bool in (l, a, v) order (the mask vocabulary is in :mod:`ktlib.model`)."""
+    both = present & allowed
     empty = ~both.any(axis=1)
     both[empty] = present[empty]
     return both
@@ -404,8 +380,7 @@ def drop_frames(batch: Mapping[str, torch.Tensor], rate: float, *, seed: SeedLik
     Exactly one source of randomness:
 
     - ``seed`` (int or sequence of ints): sample i's draws come from ``numpy.random.default_rng([*seed, index])``
-      with ``index = batch["index"][i]``, so masks do not depend on batch size or order and equal those of
-      :func:`drop_frames_split` for the same seed.
+      with ``index = batch["index"][i]``, so masks do not depend on batch size or order.
     - ``generator`` (``torch.Generator`` on the CPU): ``torch.rand`` draws in batch order (fast; depends on batch
       composition).
 
@@ -437,34 +412,6 @@ def drop_frames(batch: Mapping[str, torch.Tensor], rate: float, *, seed: SeedLik
         out[m] = x.masked_fill(drop[..., None], 0.0)  # a new tensor
         dropped[m] = drop
     return out, dropped
-
-
-def drop_frames_split(data: SplitData, rate: float, seed: SeedLike) -> tuple[SplitData, dict[str, np.ndarray]]:
-    """Frame-level random missing on a whole split (numpy); the same masks as ``drop_frames(..., seed=seed)``.
-
-    Real frames are the non-all-zero ones (:meth:`SplitData.lengths`); sample i's draws come from
-    ``numpy.random.default_rng([*seed, i])``.  Returns a new :class:`SplitData` (the input arrays are not modified)
-    and ``{m: (N, T_m) bool}`` True on dropped frames.
-
-    Note: :class:`ktlib.data.MultimodalDataset` derives padding masks from all-zero frames, so in batches made from
-    the returned split the dropped frames are *masked as padding* (the model cannot attend to them; a present
-    modality with every frame dropped gets an all-padding mask).  That differs from :func:`drop_frames`, where
-    they stay attended zero vectors as in TFR-Net / EMT-DLFR; use the batch version to reproduce those.
-    """
-    if not isinstance(data, SplitData):
-        raise ValueError(f"data must be a SplitData (one split of a MultimodalData), got {type(data).__name__}")
-    rate = _check_rate(rate)
-    lengths = {m: data.features(m).shape[1] for m in MODALITIES}
-    draws = _uniforms_per_sample(range(len(data)), lengths, seed)
-    feats, dropped = {}, {}
-    for m in MODALITIES:
-        x = data.features(m)
-        real = (x != 0).any(-1)  # (N, T_m)
-        drop = (draws[m] < rate) & real
-        new = x.copy()
-        new[drop] = 0.0
-        feats[m], dropped[m] = new, drop
-    return SplitData(l=feats["l"], a=feats["a"], v=feats["v"], labels=data.labels, ids=data.ids), dropped
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -256,9 +256,9 @@ def _interval_err(means, lows, highs) -> np.ndarray:
     return np.nan_to_num(np.vstack([means - lows, highs - means]), nan=0.0)
 
 
-def paired_differences(diffs, title: str):
+def paired_comparison_figure(diffs, title: str):
     """kt minus language+vision per seed (signed: positive = kt better), one panel per metric: each seed a dot,
-    the mean difference a diamond with its 95 % Student-t interval (:func:`ktlib.experiments.paired_differences`)."""
+    the mean difference a diamond with its 95 % Student-t interval (:func:`ktlib.experiments.paired_comparison`)."""
     fig, axes = plt.subplots(1, len(diffs), figsize=(2.6 * len(diffs), 3.3), squeeze=False)
     for ax, (_, row) in zip(axes[0], diffs.iterrows(), strict=True):
         vals = np.asarray(row["differences"], dtype=float)

@@ -6,7 +6,7 @@ with ``weights_only=True``) and ``environment.json`` (versions, device).  The id
 of the whole configuration, so any change of data, model or training gives a new run.  ``metrics.json`` is
 written last: a folder without it is an unfinished run, which :func:`load_or_train` resumes from ``last.pt``.
 Several processes or machines can share a store: one lock per run id (:func:`run_lock`) makes a run train once.
-:func:`train_missing` trains jobs in local processes or on a Dask cluster (``scheduler``, :mod:`ktlib.pool`).
+:func:`train_pending` trains jobs in local processes or on a Dask cluster (``scheduler``, :mod:`ktlib.pool`).
 
 :func:`grid` runs settings x seeds (x variants for ablations) and returns a tidy table; :func:`summarize` gives
 mean and sample standard deviation (the workbook's one convention, :mod:`ktlib.stats`) per configuration;
@@ -38,12 +38,14 @@ import pandas as pd
 import torch
 
 from . import __version__
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import PROFILES, profile
 from .data import MultimodalData, atomic_write, from_recipe, project_root
-from .model import KTModel, ModelConfig, load_checkpoint, save_checkpoint
+from .model import KTModel, ModelConfig
 from .pool import JobsFailed, in_pool, one_job
 from .specs import LAYOUTS
 from .stats import fmt_mean_std, seed_table
-from .train import PROFILES, FitResult, TrainConfig, fit, pick_device, profile
+from .train import FitResult, TrainConfig, fit, pick_device
 
 _REFERENCE = Path(__file__).with_name("reference")
 
@@ -155,7 +157,7 @@ def _needed_models(train_cfg: TrainConfig, store: Path) -> dict:
             source = store / rid_needed
             if not (source / "metrics.json").exists():
                 raise FileNotFoundError(f"the run {rid_needed} ({role}) is not finished in {store}; train it "
-                                        f"first (train_missing trains the runs a job needs before the job)")
+                                        f"first (train_pending trains the runs a job needs before the job)")
             needed[role] = Run.load(source).load_model()
     return needed
 
@@ -226,10 +228,10 @@ def config_label(config: dict) -> str:
     """A readable name for a run's configuration: the closest profile and every field that differs from it (the
     seed aside), e.g. ``"quick"``, ``"quick, consistency=l1"``, ``"quick, sim.audio_shared=0"``.
 
-    The profile's reference is ``ModelConfig.for_layout(layout, setting, **profile.model)``,
-    ``TrainConfig(**profile.train)`` and, on simulated data, the simulator's defaults at the profile's scale
-    (fields prefixed ``sim.``).  Two configurations can share a label (e.g. a field of an older run that no longer
-    exists); the ``config`` hash (:func:`config_id`) tells them apart.
+    The profile's reference is ``profile.model_config(layout, setting)``, ``profile.train_config()`` and, on
+    simulated data, the simulator's defaults at the profile's scale (fields prefixed ``sim.``).  Two configurations
+    can share a label (e.g. a field of an older run that no longer exists); the ``config`` hash
+    (:func:`config_id`) tells them apart.
     """
     from .simulate import SimConfig
 
@@ -239,11 +241,11 @@ def config_label(config: dict) -> str:
     for prof in PROFILES.values():
         try:
             if layout is not None:
-                ref_model = ModelConfig.for_layout(layout, setting=model.get("setting", "kt"), **prof.model)
+                ref_model = prof.model_config(layout, model.get("setting", "kt"))
             else:
                 shapes = {k: model[k] for k in ("feature_dims", "seq_lens", "task", "setting") if k in model}
                 ref_model = ModelConfig(**{**prof.model, **shapes})
-            ref_train = TrainConfig(**prof.train)
+            ref_train = prof.train_config()
         except (TypeError, ValueError):  # a profile that cannot describe this run
             continue
         changed = {**_changed(model, ref_model.to_dict(), skip=("setting",)),
@@ -383,9 +385,8 @@ def plan(data: MultimodalData, settings, seeds, profile_name: str = "quick", var
             overrides = dict(overrides)
             target_from = overrides.pop("target_from", "full")
             for seed in seeds:
-                job = Job(data, ModelConfig.for_layout(data.layout, setting=setting,
-                                                       **{**prof.model, **model_overrides, **overrides}),
-                          TrainConfig(**{**prof.train, **train, "seed": seed}), label)
+                job = Job(data, prof.model_config(data.layout, setting, **{**model_overrides, **overrides}),
+                          prof.train_config(**{**train, "seed": seed}), label)
                 if job.model.target_from_run:
                     job = _with_target(job, profile_name, target_from, model_overrides, train)
                 jobs.append(job)
@@ -447,7 +448,7 @@ def warn_if_long(jobs: list[Job], workers: int, scheduler: str | None = None, st
     return est
 
 
-def train_missing(jobs: list[Job], runs_dir: str | Path | None = None, force: bool = False, progress: bool = True,
+def train_pending(jobs: list[Job], runs_dir: str | Path | None = None, force: bool = False, progress: bool = True,
                   workers: int | None = None, scheduler: str | None = None) -> None:
     """Train the jobs not yet in the store, each once however many labels share it.
 
@@ -520,9 +521,9 @@ def read_jobs(jobs: list[Job], runs_dir: str | Path | None = None) -> pd.DataFra
 
 def run_jobs(jobs: list[Job], runs_dir: str | Path | None = None, force: bool = False, progress: bool = True,
              workers: int | None = None, scheduler: str | None = None) -> pd.DataFrame:
-    """Train what is missing (:func:`train_missing`, locally or on the Dask cluster at ``scheduler``), then read
+    """Train what is missing (:func:`train_pending`, locally or on the Dask cluster at ``scheduler``), then read
     every job back (:func:`read_jobs`)."""
-    train_missing(jobs, runs_dir, force, progress, workers, scheduler)
+    train_pending(jobs, runs_dir, force, progress, workers, scheduler)
     return read_jobs(jobs, runs_dir)
 
 
@@ -530,7 +531,7 @@ def grid(data: MultimodalData, settings, seeds, profile_name: str = "quick", var
          runs_dir: str | Path | None = None, force: bool = False, progress: bool = True, workers: int | None = None,
          scheduler: str | None = None, **model_overrides) -> pd.DataFrame:
     """Train (or read back) every setting x variant x seed: :func:`plan` then :func:`run_jobs` (``scheduler``: a
-    Dask scheduler's address, see :func:`train_missing`)."""
+    Dask scheduler's address, see :func:`train_pending`)."""
     return run_jobs(plan(data, settings, seeds, profile_name, variants, **model_overrides), runs_dir, force,
                     progress, workers, scheduler)
 

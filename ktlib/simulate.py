@@ -363,9 +363,21 @@ def _labels(config: SimConfig, rng, s, alpha, s_c, alpha_c, emotion):
     return labels, oracle, oracle_lv
 
 
-def _simulate_split(config: SimConfig, world: _World, split_id: int, split: str, n: int):
-    layout = config.layout
-    rng = np.random.default_rng(np.random.SeedSequence([config.seed, split_id, 0]))
+@dataclass
+class _Affect:
+    """One split's affect (step 1) and labels (step 2): common and voice-only parts, per sample."""
+
+    s_c: np.ndarray  # (N,) sentiment that every modality sees
+    alpha_c: np.ndarray  # (N,) arousal that every modality sees
+    s_p: np.ndarray  # (N,) the voice's own part
+    alpha_p: np.ndarray
+    emotion: np.ndarray  # (N,) IEMOCAP's emotion, -1 for MOSI / MOSEI
+    labels: np.ndarray
+    oracle: np.ndarray  # knows (s, alpha)
+    oracle_lv: np.ndarray  # knows only the common affect
+
+
+def _split_affect(config: SimConfig, rng, split_id: int, n: int) -> _Affect:
     s_c, alpha_c, emotion = _affect(config.dataset, rng, n)
     private = np.random.default_rng(np.random.SeedSequence([config.seed, split_id, 2]))
     if config.dataset == "iemocap":  # the voice's own, weaker expression of the emotion
@@ -374,20 +386,22 @@ def _simulate_split(config: SimConfig, world: _World, split_id: int, split: str,
     else:  # MOSI / MOSEI: sentiment the voice alone gives away, independent of everything else
         s_p, alpha_p = config.private_affect * private.standard_normal((2, n))
     s_c, alpha_c, s_p, alpha_p = (x.astype(np.float32) for x in (s_c, alpha_c, s_p, alpha_p))
-    s, alpha = s_c + s_p, alpha_c + alpha_p
-    labels, oracle, oracle_lv = _labels(config, rng, s, alpha, s_c, alpha_c, emotion)
+    labels, oracle, oracle_lv = _labels(config, rng, s_c + s_p, alpha_c + alpha_p, s_c, alpha_c, emotion)
+    return _Affect(s_c, alpha_c, s_p, alpha_p, emotion, labels, oracle, oracle_lv)
 
-    # Timing (step 3).
+
+def _split_timing(config: SimConfig, rng, n: int):
+    """Timing (step 3) and the smooth processes' parameters (step 4): duration (N,), {m: (times (N, T), valid
+    (N, T), n_frames (N,))}, freq and phase (N, P, K)."""
+    layout = config.layout
     median, sigma, wps, audio_hz, vision_hz = _TIMING[config.dataset]
     duration = median * np.exp(sigma * rng.standard_normal(n))
     n_words = np.clip(np.round(duration * wps * rng.uniform(0.8, 1.2, n)), 1, None).astype(int)
     word_gap = duration / n_words
-    # Smooth-process parameters (step 4): (N, P, K).
     freq = rng.uniform(0.1, 1.5, (n, _N_PROCESSES, _N_COSINES)).astype(np.float32)
     phase = rng.uniform(0, 2 * np.pi, (n, _N_PROCESSES, _N_COSINES)).astype(np.float32)
-
     seq = layout.seq_lens
-    frames = {}  # modality -> (times (N,T), valid (N,T), n_frames (N,))
+    frames = {}
     for m in MODALITIES:
         if layout.alignment == "aligned" or m == "l":
             count = np.minimum(n_words, seq[m])
@@ -396,9 +410,42 @@ def _simulate_split(config: SimConfig, world: _World, split_id: int, split: str,
             hz = audio_hz if m == "a" else vision_hz
             count = np.clip(np.floor(duration * hz), 1, seq[m]).astype(int)
             frames[m] = (*_frame_times(count, seq[m], np.full(n, 1.0 / hz), centred=False), count)
+    return duration, frames, freq, phase
 
-    out = {m: np.zeros((n, seq[m], layout.feature_dims[m]), dtype=np.float32) for m in MODALITIES}
-    audio_truth = {k: np.zeros((n, seq["a"], width), dtype=np.float32) for k, width in (
+
+def _audio_chunk(config: SimConfig, world: _World, proc, z_c, voice_only) -> tuple[np.ndarray, dict]:
+    """Audio features of one chunk before noise (n, T, D_a) and the audio's ground truth per frame."""
+    kappa, rho = config.audio_shared, config.nuisance_shared
+    z_p = voice_only[:, None, :] + world.private_wiggle.astype(np.float32) * proc[..., [_P_SP, _P_AP]]
+    shared = math.sqrt(kappa) * z_c / world.sd_common.astype(np.float32)  # (n, T, 2)
+    own = (math.sqrt(1 - kappa) * z_p / world.sd_private.astype(np.float32)
+           if config.private_affect > 0 else np.zeros_like(z_p))
+    seen = np.concatenate([proc[..., _P_L], proc[..., _P_V]], -1)  # (n, T, 6) streams V and L see
+    h = (np.tanh(_project(seen, world.b_h)) - world.h_mean) / world.h_std  # (n, T, 3)
+    u = math.sqrt(rho) * h + math.sqrt(1 - rho) * proc[..., _P_A]  # (n, T, 3)
+    truth = {"audio_affect_shared": shared, "audio_affect_private": own, "audio_nuisance": u,
+             "audio_nuisance_shared": math.sqrt(rho) * h}
+    x = config.informativeness_a * _project(shared + own, world.w_a)
+    x += config.structure * _project(u, world.u_a)
+    return x, truth
+
+
+def _chunk_features(config: SimConfig, world: _World, m: str, proc, z_c, voice_only):
+    """Features of modality m for one chunk before noise, (n, T, D_m), and (audio only) its ground truth."""
+    if m == "l":
+        x = config.informativeness_l * _project(z_c * np.float32([1.0, 0.3]), world.w_l)
+        return x + config.structure * _project(proc[..., _P_L], world.u_l), {}
+    if m == "v":
+        x = config.informativeness_v * _project(z_c, world.w_v)
+        return x + config.structure * _project(proc[..., _P_V], world.u_v), {}
+    return _audio_chunk(config, world, proc, z_c, voice_only)
+
+
+def _split_features(config: SimConfig, world: _World, split_id: int, affect: _Affect, frames, freq, phase):
+    """Every modality's features (step 5), chunk by chunk, {m: (N, T_m, D_m)}, and the audio's ground truth."""
+    layout, n = config.layout, len(affect.s_c)
+    out = {m: np.zeros((n, layout.seq_lens[m], layout.feature_dims[m]), dtype=np.float32) for m in MODALITIES}
+    audio_truth = {k: np.zeros((n, layout.seq_lens["a"], width), dtype=np.float32) for k, width in (
         ("audio_affect_shared", 2), ("audio_affect_private", 2), ("audio_nuisance", 3),
         ("audio_nuisance_shared", 3))}
     kappa, rho = config.audio_shared, config.nuisance_shared
@@ -406,8 +453,8 @@ def _simulate_split(config: SimConfig, world: _World, split_id: int, split: str,
     audio_needs = ([_P_SC, _P_AC] if kappa > 0 else []) + ([_P_SP, _P_AP] if kappa < 1 else []) + \
                   list(range(4, 10)) + (list(range(10, 13)) if rho < 1 else [])  # n_l, n_v: for the truth h too
     used = {"l": [_P_SC, _P_AC, *range(4, 7)], "v": [_P_SC, _P_AC, *range(7, 10)], "a": audio_needs}
-    common = np.stack([s_c, alpha_c], -1)  # (N, 2)
-    voice_only = np.stack([s_p, alpha_p], -1)
+    common = np.stack([affect.s_c, affect.alpha_c], -1)  # (N, 2)
+    voice_only = np.stack([affect.s_p, affect.alpha_p], -1)
     for m_id, m in enumerate(MODALITIES):
         times, valid, _ = frames[m]
         for c_id, lo in enumerate(range(0, n, _CHUNK)):
@@ -416,46 +463,34 @@ def _simulate_split(config: SimConfig, world: _World, split_id: int, split: str,
             proc = np.zeros((hi - lo, times.shape[1], _N_PROCESSES), dtype=np.float32)  # (n, T, P)
             proc[..., used[m]] = _smooth(freq[lo:hi, used[m]], phase[lo:hi, used[m]], times[lo:hi])
             z_c = common[lo:hi, None, :] + config.wiggle * proc[..., [_P_SC, _P_AC]]  # (n, T, 2) s_c(t), alpha_c(t)
-            if m == "l":
-                x = config.informativeness_l * _project(z_c * np.float32([1.0, 0.3]), world.w_l)
-                x += config.structure * _project(proc[..., _P_L], world.u_l)
-            elif m == "v":
-                x = config.informativeness_v * _project(z_c, world.w_v)
-                x += config.structure * _project(proc[..., _P_V], world.u_v)
-            else:
-                z_p = voice_only[lo:hi, None, :] + world.private_wiggle.astype(np.float32) * proc[..., [_P_SP, _P_AP]]
-                shared = math.sqrt(kappa) * z_c / world.sd_common.astype(np.float32)  # (n, T, 2)
-                own = (math.sqrt(1 - kappa) * z_p / world.sd_private.astype(np.float32)
-                       if config.private_affect > 0 else np.zeros_like(z_p))
-                seen = np.concatenate([proc[..., _P_L], proc[..., _P_V]], -1)  # (n, T, 6) streams V and L see
-                h = (np.tanh(_project(seen, world.b_h)) - world.h_mean) / world.h_std  # (n, T, 3)
-                u = math.sqrt(rho) * h + math.sqrt(1 - rho) * proc[..., _P_A]  # (n, T, 3)
-                keep = valid[lo:hi, :, None]
-                for key, value in (("audio_affect_shared", shared), ("audio_affect_private", own),
-                                   ("audio_nuisance", u), ("audio_nuisance_shared", math.sqrt(rho) * h)):
-                    audio_truth[key][lo:hi] = np.where(keep, value, 0)
-                x = config.informativeness_a * _project(shared + own, world.w_a)
-                x += config.structure * _project(u, world.u_a)
-            keep = valid[lo:hi]  # noise only on real frames; padding frames are exactly zero
-            x[keep] += noise_rng.standard_normal((int(keep.sum()), x.shape[-1]), dtype=np.float32)
-            x[~keep] = 0
+            x, truth = _chunk_features(config, world, m, proc, z_c, voice_only[lo:hi])
+            real = valid[lo:hi]  # noise only on real frames; padding frames are exactly zero
+            for key, value in truth.items():
+                audio_truth[key][lo:hi] = np.where(real[..., None], value, 0)
+            x[real] += noise_rng.standard_normal((int(real.sum()), x.shape[-1]), dtype=np.float32)
+            x[~real] = 0
             out[m][lo:hi] = x
+    return out, audio_truth
 
+
+def _simulate_split(config: SimConfig, world: _World, split_id: int, split: str, n: int):
+    rng = np.random.default_rng(np.random.SeedSequence([config.seed, split_id, 0]))
+    affect = _split_affect(config, rng, split_id, n)
+    duration, frames, freq, phase = _split_timing(config, rng, n)
+    out, audio_truth = _split_features(config, world, split_id, affect, frames, freq, phase)
     ids = np.array([f"sim-{config.dataset}-{split}-{i:05d}" for i in range(n)])
     raw = {FILE_KEYS[m]: out[m] for m in MODALITIES}
-    raw.update(labels=labels, id=ids)
+    raw.update(labels=affect.labels, id=ids)
     truth = {
-        "sentiment": s,  # the whole affect: s = s_c + s_p
-        "arousal": alpha,
-        "sentiment_common": s_c,  # what language, vision (and to the share audio_shared the audio) see
-        "arousal_common": alpha_c,
-        "emotion": emotion.astype(np.int64),  # -1 for MOSI / MOSEI
+        "sentiment": affect.s_c + affect.s_p,  # the whole affect: s = s_c + s_p
+        "arousal": affect.alpha_c + affect.alpha_p,
+        "sentiment_common": affect.s_c,  # what language, vision (and to the share audio_shared the audio) see
+        "arousal_common": affect.alpha_c,
+        "emotion": affect.emotion.astype(np.int64),  # -1 for MOSI / MOSEI
         "duration": duration.astype(np.float32),
-        "len_l": frames["l"][2],
-        "len_a": frames["a"][2],
-        "len_v": frames["v"][2],
+        **{f"len_{m}": frames[m][2] for m in MODALITIES},
         **audio_truth,  # per audio frame (N, T_a, k), zero on padding: see the module docstring
-        "oracle": oracle,  # knows (s, alpha)
-        "oracle_lv": oracle_lv,  # knows only the common affect (s_c, alpha_c)
+        "oracle": affect.oracle,  # knows (s, alpha)
+        "oracle_lv": affect.oracle_lv,  # knows only the common affect (s_c, alpha_c)
     }
     return raw, truth

@@ -1,7 +1,7 @@
 """Training: one ``fit`` for every setting and dataset, on CUDA when present and on the CPU otherwise.
 
 - Task loss per dataset: L1 for MOSI / MOSEI regression, cross-entropy over the four binary emotions of IEMOCAP;
-  in setting ``kt`` plus ``lambda1 * L_c(V->A) + lambda2 * L_c(L->A)`` (eq. 6).
+  in setting ``kt`` plus ``lambda1 * L_c(V->A) + lambda2 * L_c(L->A)`` (:meth:`ktlib.model.KTModel.paper_loss`).
 - Adam, gradient clipping, ReduceLROnPlateau on the validation loss (MulT) or the paper's constant rate,
   early stopping, and the best model by validation loss.  Mixed precision (bfloat16 autocast) on CUDA.
 - Validation and test batches never carry audio in the missing-audio settings: the model is selected and scored
@@ -9,12 +9,12 @@
 - Checkpoints after every epoch hold the model, optimiser, scheduler, random state (CPU and CUDA generators) and
   history, so a run that is killed resumes from its last finished epoch and ends where an uninterrupted run would
   (on the CPU); its metrics list the epochs it resumed at (``resumed_at``, empty for a run never interrupted).
-- Profiles (``smoke`` / ``quick`` / ``paper``) are named bundles of model and training settings: see ``PROFILES``.
+- Profiles (``smoke`` / ``quick`` / ``paper``), named bundles of model and training settings: :mod:`ktlib.config`.
 
 Missing data beyond the paper (``TrainConfig``)
 - ``protocol``: a :class:`ktlib.missing.Protocol`.  Its validation and test masks select and score the model; a
   ``train_test`` protocol also masks the model's training inputs, drawn afresh each epoch.  Training batches are
-  read complete and narrowed with a ``keep`` matrix (see :class:`ktlib.model.KTModel`), so the real modalities a
+  read complete and narrowed with an ``allowed`` matrix (see :mod:`ktlib.model`), so the real modalities a
   sample lacks can still supervise a reconstruction or feed a teacher, as in the systems that use this protocol.
 - ``train_drop="subsets"``: each training sample uses one of the 7 non-empty subsets of its modalities, uniformly
   (models meant to work with any subset: ``kt_any`` and the distillation student).
@@ -38,17 +38,16 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as M
-from .data import MultimodalData, atomic_write, make_loader, presence_matrix, sha256sum
+from .checkpoint import load_state, save_state
+from .data import MultimodalData, make_loader, presence_matrix
 from .missing import Protocol, narrow, subset_presence
-from .model import KTModel, ModelConfig
-
-# Settings whose inputs at test time have no audio; their validation and test batches are built without it.
-AUDIO_FREE_AT_TEST = ("kt", "language_vision", "vision_only", "language_only")
+from .model import SETTING_TABLE, KTModel, ModelConfig
+from .model_extras import load_audio_encoder
 
 
 @dataclass
 class TrainConfig:
-    """How to train.  ``TrainConfig.from_profile("quick")`` gives a named bundle."""
+    """How to train.  ``ktlib.config.profile("quick").train_config()`` gives a named bundle's."""
 
     epochs: int = 40  # the paper trains 40 epochs
     batch_size: int = 24
@@ -94,39 +93,6 @@ class TrainConfig:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
 
-@dataclass(frozen=True)
-class Profile:
-    """A named bundle: model overrides, training settings and the simulator's scale."""
-
-    name: str
-    model: dict = field(default_factory=dict)  # ModelConfig overrides on top of the paper's configuration
-    train: dict = field(default_factory=dict)  # TrainConfig fields
-    scale: float = 1.0  # fraction of the published split sizes when the data is simulated
-    description: str = ""
-
-
-_NO_DROPOUT = dict(text_dropout=0.0, embed_dropout=0.0, relu_dropout=0.0, res_dropout=0.0, out_dropout=0.0,
-                   attn_dropout={"l": 0.0, "a": 0.0, "v": 0.0})
-PROFILES: dict[str, Profile] = {
-    "smoke": Profile("smoke", model=dict(d=8, heads=2, layers=1, mem_layers=1, kt_layers=1, kt_target="run",
-                                         **_NO_DROPOUT),
-                     train=dict(epochs=2, batch_size=16), scale=0.05,
-                     description="seconds: plumbing checks and tests, numbers mean nothing"),
-    "quick": Profile("quick", model=dict(d=16, heads=4, layers=1, mem_layers=1, kt_layers=1, kt_target="run"),
-                     train=dict(epochs=8, batch_size=48, lr=3e-3), scale=1.0,
-                     description="minutes on a 2-core CPU: d=16, one layer per stack, 8 epochs"),
-    "paper": Profile("paper", model=dict(kt_target="run"),
-                     train=dict(epochs=40, batch_size=128, lr=1e-3, schedule="constant"),
-                     scale=1.0, description="the paper's Table 5 configuration and 40 epochs; meant for a GPU"),
-}
-
-
-def profile(name: str) -> Profile:
-    if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
-    return PROFILES[name]
-
-
 def set_seed(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and CUDA) in one place."""
     random.seed(seed)
@@ -165,7 +131,7 @@ def eval_loader(data: MultimodalData, split: str, batch_size: int, setting: str,
     """The loader a model of ``setting`` is selected and scored on: no audio where the setting has none at test
     time, and the protocol's missing modalities (never read).  Frame-level missing acts in :func:`evaluate`."""
     n = len(data[split])
-    present = presence_matrix(n, ("a",) if setting in AUDIO_FREE_AT_TEST else ())
+    present = presence_matrix(n, SETTING_TABLE[setting].absent_at_test)
     if protocol is not None:
         present = present & protocol.presence(n, split)
     return make_loader(data, split, batch_size, shuffle=False, missing=present)
@@ -203,30 +169,6 @@ def evaluate(model: KTModel, loader, device: torch.device, amp: bool = False, pr
     return total / max(count, 1), M.task_metrics(pred, y, model.cfg.task), pred
 
 
-class CheckpointError(RuntimeError):
-    """A training checkpoint is corrupt, truncated or from another run."""
-
-
-def save_state(path: Path, state: dict) -> None:
-    """Write a checkpoint atomically, with a sha256 beside it so that a damaged file is recognised."""
-    atomic_write(path, lambda f: torch.save(state, f))
-    atomic_write(path.with_name(path.name + ".sha256"), lambda f: f.write(sha256sum(path).encode()))
-
-
-def load_state(path: Path, map_location="cpu") -> dict:
-    """Read a checkpoint written by :func:`save_state` (``weights_only=True``); refuse a damaged one clearly."""
-    sidecar = path.with_name(path.name + ".sha256")
-    hint = f"delete {path} (and {sidecar.name}) to start that run afresh, or retrain with force=True"
-    if not sidecar.exists():
-        raise CheckpointError(f"{path} has no checksum file {sidecar.name}, so it cannot be trusted; {hint}")
-    if sha256sum(path) != sidecar.read_text().strip():
-        raise CheckpointError(f"{path} does not match its checksum: it is truncated or corrupt; {hint}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure here means the file cannot be used
-        raise CheckpointError(f"{path} could not be read ({type(err).__name__}: {err}); {hint}") from err
-
-
 KILL_HOOK = "KTLIB_TEST_KILL_AFTER_CHECKPOINT"
 
 
@@ -252,30 +194,175 @@ class FitResult:
     metrics: dict  # {"valid": {...}, "test": {...}, "best_epoch": int, "resumed_at": [int], "seconds": float, ...}
 
 
-def train_keep(train_cfg: TrainConfig, n: int, epoch: int) -> np.ndarray | None:
-    """(n, 3) bool: the modalities each training sample may use in ``epoch`` (None: all it has).
+def train_allowed(train_cfg: TrainConfig, n: int, epoch: int) -> np.ndarray | None:
+    """(n, 3) bool: the modalities each training sample is allowed to feed the model in ``epoch`` (None: all it
+    has; the mask vocabulary is in :mod:`ktlib.model`).
 
     A ``train_test`` protocol's fixed or modality-level pattern, narrowed by ``train_drop="subsets"``; fresh
     draws every epoch, reproducible from the seeds.
     """
-    keep = None
+    allowed = None
     protocol = train_cfg.protocol
     if protocol is not None and protocol.applies_to("train") and protocol.kind in ("fixed", "modality"):
-        keep = protocol.presence(n, "train", epoch)
+        allowed = protocol.presence(n, "train", epoch)
     if train_cfg.train_drop == "subsets":
         drop = subset_presence(n, [train_cfg.seed, 7, epoch])
-        keep = drop if keep is None else narrow(keep, drop)
-    return keep
+        allowed = drop if allowed is None else narrow(allowed, drop)
+    return allowed
 
 
 def distillation_loss(out: torch.Tensor, pooled: torch.Tensor, teacher_out: torch.Tensor,
                       teacher_pooled: torch.Tensor, train_cfg: TrainConfig) -> torch.Tensor:
-    """``distill_pred * MSE(prediction, teacher's) + distill_rep * MSE(pooled, teacher's)`` (MITR-DNet style).
+    """``distill_pred * MSE(prediction, teacher's) + distill_rep * MSE(pooled, teacher's)`` (MITR-DNet style),
+    added to the paper's loss (:meth:`ktlib.model.KTModel.paper_loss`) when a teacher is given.
 
     Predictions are compared as they are: regression scores, or IEMOCAP logits.
     """
     return (train_cfg.distill_pred * F.mse_loss(out.float(), teacher_out.float())
             + train_cfg.distill_rep * F.mse_loss(pooled.float(), teacher_pooled.float()))
+
+
+@dataclass
+class _Run:
+    """What one :func:`fit` carries from epoch to epoch: the model, its optimiser, and what a checkpoint saves."""
+
+    model: KTModel
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.ReduceLROnPlateau | None
+    device: torch.device
+    amp: bool
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"loss": float("inf"), "epoch": -1, "state": None})
+    start_epoch: int = 0
+    seconds: float = 0.0
+    resumed: list[int] = field(default_factory=list)  # the epochs at which an interrupted run went on
+
+    @property
+    def stale(self) -> int:
+        """Epochs since the best validation loss (every epoch so far while there is none)."""
+        return len(self.history) - 1 - self.best["epoch"]
+
+
+def _check_fit_inputs(model_cfg: ModelConfig, train_cfg: TrainConfig, teacher: KTModel | None,
+                      audio_source: KTModel | None) -> None:
+    if bool(train_cfg.teacher) != (teacher is not None):
+        raise ValueError(f"train_cfg.teacher={train_cfg.teacher!r} but teacher={'a model' if teacher else None}: "
+                         "distillation needs both the run id and the model (load_or_train passes it from the store)")
+    wants_source = model_cfg.target_from_run
+    if wants_source != bool(train_cfg.target_run) or bool(train_cfg.target_run) != (audio_source is not None):
+        raise ValueError(f"kt_target='run' (setting {model_cfg.setting!r}, kt_target {model_cfg.kt_target!r}) needs "
+                         f"both train_cfg.target_run (got {train_cfg.target_run!r}) and the finished run's model "
+                         f"(got {'a model' if audio_source is not None else None}); other settings take neither. "
+                         "ktlib.runs.plan sets target_run to the full run of the same seed; load_or_train reads it")
+    if teacher is not None and teacher.cfg.task != model_cfg.task:
+        raise ValueError(f"the teacher's task ({teacher.cfg.task}) differs from the student's ({model_cfg.task})")
+
+
+def _start(model_cfg: ModelConfig, train_cfg: TrainConfig, audio_source: KTModel | None) -> _Run:
+    """A fresh model (seeded), Adam and the learning-rate schedule on the training device."""
+    device = pick_device(train_cfg.device)
+    set_seed(train_cfg.seed)
+    model = KTModel(model_cfg)
+    if audio_source is not None:
+        load_audio_encoder(model, audio_source)
+    model = model.to(device)
+    opt = make_optimizer(model, train_cfg.lr)
+    sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=train_cfg.plateau_patience,
+                                                        factor=train_cfg.plateau_factor)
+             if train_cfg.schedule == "plateau" else None)
+    return _Run(model, opt, sched, device, amp=train_cfg.amp and device.type == "cuda")
+
+
+def _resume(run: _Run, path: Path) -> None:
+    """Continue from the checkpoint of the last finished epoch (model, optimiser, schedule, random state)."""
+    state = load_state(path, map_location=run.device)
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    if run.sched is not None:
+        run.sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"].cpu())
+    if state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    run.history, run.start_epoch, run.seconds = state["history"], state["epoch"] + 1, state["seconds"]
+    run.resumed = [*state.get("resumed_at", []), run.start_epoch]
+    run.best = {"loss": state["best_loss"], "epoch": state["best_epoch"], "state": state["best_model"]}
+
+
+def _checkpoint(run: _Run, path: Path, epoch: int) -> None:
+    save_state(path, {"model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+                      "scheduler": run.sched.state_dict() if run.sched is not None else {},
+                      "rng": torch.get_rng_state(),
+                      "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else [],
+                      "history": run.history, "epoch": epoch, "seconds": run.seconds, "resumed_at": run.resumed,
+                      "best_loss": run.best["loss"], "best_epoch": run.best["epoch"], "best_model": run.best["state"]})
+    _kill_hook(path)
+
+
+def _train_step(run: _Run, batch: dict, inputs: dict, train_cfg: TrainConfig, teacher: KTModel | None) -> dict:
+    """One optimiser step on ``inputs`` (``batch`` narrowed); the batch's losses (tensors) by name."""
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+        out, details = run.model(inputs, return_details=True)
+        task = task_loss(out, inputs["y"], run.model.cfg.task)
+        loss, cons = run.model.paper_loss(task, details)
+        dist = torch.zeros((), device=run.device)
+        if teacher is not None:  # the teacher sees the complete batch
+            with torch.no_grad():
+                t_out, t_details = teacher(_to(batch, run.device), return_details=True)
+            dist = distillation_loss(out, details["pooled"], t_out, t_details["pooled"], train_cfg)
+        loss = loss + dist
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), train_cfg.clip)
+    run.opt.step()
+    return {"loss": loss, "task": task, "consistency": cons, "distill": dist}
+
+
+def _train_epoch(run: _Run, data: MultimodalData, train_cfg: TrainConfig, epoch: int,
+                 teacher: KTModel | None) -> dict[str, float]:
+    """One pass over the training split; the mean of each loss."""
+    run.model.train()
+    protocol = train_cfg.protocol
+    # The shuffling order depends only on (seed, epoch), so a resumed run sees the same batches.
+    loader = make_loader(data, "train", train_cfg.batch_size, shuffle=True,
+                         missing=SETTING_TABLE[run.model.cfg.setting].absent_in_training,
+                         seed=train_cfg.seed * 1000 + epoch)
+    allowed = train_allowed(train_cfg, len(data["train"]), epoch)
+    sums = {"loss": 0.0, "task": 0.0, "consistency": 0.0, "distill": 0.0}
+    n = 0
+    for batch in loader:
+        inputs = batch if allowed is None else dict(batch, allowed=torch.from_numpy(allowed[batch["index"].numpy()]))
+        if frames_dropped(protocol, "train"):  # frame-level missing in a train_test protocol
+            inputs = protocol.apply_batch(inputs, "train", epoch)[0]
+        inputs = _to(inputs, run.device)
+        losses = _train_step(run, batch, inputs, train_cfg, teacher)
+        b = len(inputs["y"])
+        n += b
+        for k, v in losses.items():
+            sums[k] += v.item() * b
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _record_epoch(run: _Run, epoch: int, train_losses: dict, valid_loss: float, valid_metrics: dict) -> dict:
+    """Append the epoch's history row and keep the model if its validation loss is the best so far."""
+    row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_losses.items()}, "valid_loss": valid_loss,
+           **{f"valid_{k}": v for k, v in valid_metrics.items()}, "lr": run.opt.param_groups[0]["lr"],
+           "seconds": run.seconds}
+    run.history.append(row)
+    if valid_loss < run.best["loss"]:
+        run.best = {"loss": valid_loss, "epoch": epoch,
+                    "state": {k: v.detach().clone().cpu() for k, v in run.model.state_dict().items()}}
+    return row
+
+
+def _final_metrics(run: _Run, data: MultimodalData, loaders: dict, protocol: Protocol | None) -> dict:
+    """The best model's validation and test scores, and how the run went."""
+    run.model.load_state_dict(run.best["state"])
+    result = {}
+    for split in ("valid", "test"):
+        loss, metrics, _ = evaluate(run.model, loaders[split], run.device, run.amp, protocol, split)
+        result[split] = {"loss": loss, **metrics}
+    return {**result, "best_epoch": run.best["epoch"], "epochs_run": len(run.history), "resumed_at": run.resumed,
+            "seconds": run.seconds, "device": str(run.device), "synthetic": data.synthetic}
 
 
 def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, run_dir: str | Path | None = None,
@@ -286,125 +373,38 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, ru
     model named by ``train_cfg.target_run``, whose audio projection gives kt's consistency target
     (``kt_target="run"``).  :func:`ktlib.runs.load_or_train` reads both from the store.
     """
-    if bool(train_cfg.teacher) != (teacher is not None):
-        raise ValueError(f"train_cfg.teacher={train_cfg.teacher!r} but teacher={'a model' if teacher else None}: "
-                         "distillation needs both the run id and the model (load_or_train passes it from the store)")
-    wants_source = model_cfg.target_from_run
-    if wants_source != bool(train_cfg.target_run) or bool(train_cfg.target_run) != (audio_source is not None):
-        raise ValueError(f"kt_target='run' (setting {model_cfg.setting!r}, kt_target {model_cfg.kt_target!r}) needs "
-                         f"both train_cfg.target_run (got {train_cfg.target_run!r}) and the finished run's model "
-                         f"(got {'a model' if audio_source is not None else None}); other settings take neither. "
-                         "ktlib.runs.plan sets target_run to the full run of the same seed; load_or_train reads it")
-    device = pick_device(train_cfg.device)
-    set_seed(train_cfg.seed)
-    model = KTModel(model_cfg)
-    if audio_source is not None:
-        model.load_audio_encoder(audio_source)
-    model = model.to(device)
-    opt = make_optimizer(model, train_cfg.lr)
-    sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=train_cfg.plateau_patience,
-                                                        factor=train_cfg.plateau_factor)
-             if train_cfg.schedule == "plateau" else None)
-    amp = train_cfg.amp and device.type == "cuda"
-    protocol = train_cfg.protocol
-    valid_loader = eval_loader(data, "valid", train_cfg.batch_size, model_cfg.setting, protocol)
-    test_loader = eval_loader(data, "test", train_cfg.batch_size, model_cfg.setting, protocol)
-    # no audio in training where the setting has none; kt reads it for its consistency target only
-    train_missing = ("a",) if model_cfg.setting in AUDIO_FREE_AT_TEST and model_cfg.setting != "kt" else ()
+    _check_fit_inputs(model_cfg, train_cfg, teacher, audio_source)
+    run = _start(model_cfg, train_cfg, audio_source)
+    loaders = {split: eval_loader(data, split, train_cfg.batch_size, model_cfg.setting, train_cfg.protocol)
+               for split in ("valid", "test")}
     if teacher is not None:
-        teacher = teacher.to(device).eval().requires_grad_(False)
-        if teacher.cfg.task != model_cfg.task:
-            raise ValueError(f"the teacher's task ({teacher.cfg.task}) differs from the student's ({model_cfg.task})")
-
-    history: list[dict] = []
-    best = {"loss": float("inf"), "epoch": -1, "state": None}
-    start_epoch, seconds, resumed = 0, 0.0, []  # resumed: the epochs at which an interrupted run went on
+        teacher = teacher.to(run.device).eval().requires_grad_(False)
     last_path = Path(run_dir) / "last.pt" if run_dir is not None else None
     if last_path is not None:
         last_path.parent.mkdir(parents=True, exist_ok=True)
         if last_path.exists():
-            state = load_state(last_path, map_location=device)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            if sched is not None:
-                sched.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"].cpu())
-            if state.get("cuda_rng"):
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
-            history, start_epoch, seconds = state["history"], state["epoch"] + 1, state["seconds"]
-            resumed = [*state.get("resumed_at", []), start_epoch]
-            best = {"loss": state["best_loss"], "epoch": state["best_epoch"], "state": state["best_model"]}
+            _resume(run, last_path)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start_epoch, train_cfg.epochs), initial=start_epoch, total=train_cfg.epochs,
+    bar = tqdm(range(run.start_epoch, train_cfg.epochs), initial=run.start_epoch, total=train_cfg.epochs,
                desc=f"{model_cfg.setting} seed {train_cfg.seed}", disable=not progress, leave=False)
-    stale = 0 if best["epoch"] < 0 else len(history) - 1 - best["epoch"]
+    key = "mae" if model_cfg.task == "regression" else "mean_acc"
     for epoch in bar:
         t0 = time.perf_counter()
-        model.train()
-        # The shuffling order depends only on (seed, epoch), so a resumed run sees the same batches.
-        loader = make_loader(data, "train", train_cfg.batch_size, shuffle=True, missing=train_missing,
-                             seed=train_cfg.seed * 1000 + epoch)
-        keep = train_keep(train_cfg, len(data["train"]), epoch)
-        sums = {"loss": 0.0, "task": 0.0, "consistency": 0.0, "distill": 0.0}
-        n = 0
-        for batch in loader:
-            inputs = batch if keep is None else dict(batch, keep=torch.from_numpy(keep[batch["index"].numpy()]))
-            if frames_dropped(protocol, "train"):  # frame-level missing in a train_test protocol
-                inputs = protocol.apply_batch(inputs, "train", epoch)[0]
-            inputs = _to(inputs, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out, details = model(inputs, return_details=True)
-                task = task_loss(out, inputs["y"], model_cfg.task)
-                cons = model.consistency_term(details)
-                dist = torch.zeros((), device=device)
-                if teacher is not None:  # the teacher sees the complete batch
-                    with torch.no_grad():
-                        t_out, t_details = teacher(_to(batch, device), return_details=True)
-                    dist = distillation_loss(out, details["pooled"], t_out, t_details["pooled"], train_cfg)
-                loss = task + cons + dist
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip)
-            opt.step()
-            b = len(inputs["y"])
-            n += b
-            for k, v in (("loss", loss), ("task", task), ("consistency", cons), ("distill", dist)):
-                sums[k] += v.item() * b
-        valid_loss, valid_metrics, _ = evaluate(model, valid_loader, device, amp, protocol, "valid")
-        if sched is not None:
-            sched.step(valid_loss)
-        seconds += time.perf_counter() - t0
-        row = {"epoch": epoch, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}, "valid_loss": valid_loss,
-               **{f"valid_{k}": v for k, v in valid_metrics.items()}, "lr": opt.param_groups[0]["lr"],
-               "seconds": seconds}
-        history.append(row)
-        if valid_loss < best["loss"]:
-            best = {"loss": valid_loss, "epoch": epoch,
-                    "state": {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}}
-            stale = 0
-        else:
-            stale += 1
-        key = "valid_mae" if model_cfg.task == "regression" else "valid_mean_acc"
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", valid=f"{valid_loss:.3f}", **{key[6:]: f"{row[key]:.3f}"})
+        train_losses = _train_epoch(run, data, train_cfg, epoch, teacher)
+        valid_loss, valid_metrics, _ = evaluate(run.model, loaders["valid"], run.device, run.amp,
+                                                train_cfg.protocol, "valid")
+        if run.sched is not None:
+            run.sched.step(valid_loss)
+        run.seconds += time.perf_counter() - t0
+        row = _record_epoch(run, epoch, train_losses, valid_loss, valid_metrics)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", valid=f"{valid_loss:.3f}",
+                        **{key: f"{row[f'valid_{key}']:.3f}"})
         if last_path is not None:
-            save_state(last_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                   "scheduler": sched.state_dict() if sched is not None else {},
-                                   "rng": torch.get_rng_state(),
-                                   "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                                   "history": history, "epoch": epoch, "seconds": seconds, "resumed_at": resumed,
-                                   "best_loss": best["loss"], "best_epoch": best["epoch"],
-                                   "best_model": best["state"]})
-            _kill_hook(last_path)
-        if train_cfg.early_stop and stale >= train_cfg.early_stop:
+            _checkpoint(run, last_path, epoch)
+        if train_cfg.early_stop and run.stale >= train_cfg.early_stop:
             break
     bar.close()
-
-    model.load_state_dict(best["state"])
-    valid_loss, valid_metrics, _ = evaluate(model, valid_loader, device, amp, protocol, "valid")
-    test_loss, test_metrics, _ = evaluate(model, test_loader, device, amp, protocol, "test")
-    result = {"valid": {"loss": valid_loss, **valid_metrics}, "test": {"loss": test_loss, **test_metrics},
-              "best_epoch": best["epoch"], "epochs_run": len(history), "resumed_at": resumed, "seconds": seconds,
-              "device": str(device), "synthetic": data.synthetic}
-    return FitResult(model=model.cpu(), history=history, metrics=result)
+    return FitResult(model=run.model.cpu(), history=run.history,
+                     metrics=_final_metrics(run, data, loaders, train_cfg.protocol))

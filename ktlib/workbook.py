@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from .config import PROFILES, Profile, profile
 from .data import MultimodalData, atomic_write, get_data
 from .runs import default_runs_dir
 from .simulate import REGIMES
 from .specs import ALIGNMENTS, DATASETS, MOSI_UTTERANCE
-from .train import PROFILES, Profile, profile
 
 
 @dataclass

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from ktlib import analysis as A
+from ktlib.config import model_config
 from ktlib.data import load_simulated
-from ktlib.model import KTModel, ModelConfig
+from ktlib.model import KTModel
 from ktlib.simulate import preset
 
 torch.set_num_threads(1)
@@ -76,7 +77,7 @@ def mosi(request, sim_cache):
 @pytest.fixture(scope="module")
 def kt_model(mosi):
     torch.manual_seed(0)
-    cfg = ModelConfig.for_layout(mosi.layout, setting="kt", d=8, heads=2, layers=1, mem_layers=1, kt_layers=1)
+    cfg = model_config(mosi.layout, setting="kt", d=8, heads=2, layers=1, mem_layers=1, kt_layers=1)
     return KTModel(cfg).eval()
 
 
@@ -139,7 +140,7 @@ def test_reconstruction_r2_rows_and_the_probe_of_the_target_itself(mosi, kt_mode
     names = set(table["representation"])
     assert {"raw language + vision (ceiling)", "f'_A vs another utterance (shuffled)", A.NAMES["f_a"]} <= names
     assert np.isfinite(table["R2"]).all() and (table["R2"] <= 1).all()
-    real = A.audio_embeddings(KTModel(ModelConfig.for_layout(mosi.layout, setting="kt", d=8, heads=2, layers=1,
+    real = A.audio_embeddings(KTModel(model_config(mosi.layout, setting="kt", d=8, heads=2, layers=1,
                                                               kt_layers=1)), mosi)
     real.truth = None
     with pytest.raises(ValueError, match="ground truth is only known for simulated data"):
@@ -147,7 +148,7 @@ def test_reconstruction_r2_rows_and_the_probe_of_the_target_itself(mosi, kt_mode
 
 
 def test_only_a_kt_model_has_reconstructions(mosi):
-    model = KTModel(ModelConfig.for_layout(mosi.layout, setting="full", d=8, heads=2, layers=1, mem_layers=1))
+    model = KTModel(model_config(mosi.layout, setting="full", d=8, heads=2, layers=1, mem_layers=1))
     with pytest.raises(ValueError, match="'kt' model"):
         A.audio_embeddings(model, mosi)
     with pytest.raises(ValueError, match="knowledge-transfer network"):

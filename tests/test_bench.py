@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from ktlib.bench import STEPS, VARIANTS, main, measure_step, synthetic_batch
-from ktlib.model import ModelConfig
+from ktlib.config import model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_synthetic_batch_is_front_padded_with_the_config_shapes():
-    cfg = ModelConfig.for_layout("mosi", "unaligned")
+    cfg = model_config("mosi", "unaligned")
     batch = synthetic_batch(cfg, 4)
     for m in ("l", "a", "v"):
         assert batch[m].shape == (4, cfg.seq_lens[m], cfg.feature_dims[m])

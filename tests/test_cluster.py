@@ -19,7 +19,7 @@ import torch
 import ktlib.runs as R
 from ktlib.__main__ import main
 from ktlib.pool import JobsFailed
-from ktlib.runs import Run, grid, plan, run_id, train_missing
+from ktlib.runs import Run, grid, plan, run_id, train_pending
 from ktlib.train import KILL_HOOK
 
 SETTINGS, SEEDS = ["full", "kt"], [1, 2]  # kt's target is the full run of its seed: a grid of two rounds
@@ -162,7 +162,7 @@ def test_a_failing_job_is_named_with_its_error_and_the_others_finish(mosi, tmp_p
                else {"workers": 2})
     _forbid_training_here(monkeypatch)
     with pytest.raises(JobsFailed) as caught:
-        train_missing([*jobs, broken], tmp_path, progress=False, **options)
+        train_pending([*jobs, broken], tmp_path, progress=False, **options)
     assert len(caught.value.failures) == 1
     message = str(caught.value)
     broken_id = run_id(broken.model, broken.train, mosi)

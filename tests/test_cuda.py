@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ktlib.bench import synthetic_batch
-from ktlib.model import SETTINGS, KTModel, ModelConfig
+from ktlib.config import model_config
+from ktlib.model import SETTINGS, KTModel
 from ktlib.runs import load_or_train, plan
 from ktlib.train import eval_loader, evaluate
 
@@ -25,7 +26,7 @@ SMALL = dict(d=16, heads=4, layers=2, mem_layers=2, kt_layers=2, text_dropout=0.
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_forward_on_cuda_equals_the_cpu(setting, alignment):
     torch.manual_seed(0)
-    cfg = ModelConfig.for_layout("mosi", alignment, setting=setting, **SMALL)
+    cfg = model_config("mosi", alignment, setting=setting, **SMALL)
     model = KTModel(cfg).eval()
     batch = synthetic_batch(cfg, 6)
     with torch.no_grad():
@@ -37,7 +38,7 @@ def test_forward_on_cuda_equals_the_cpu(setting, alignment):
 
 def test_kt_on_cuda_never_reads_audio_at_test():
     torch.manual_seed(0)
-    cfg = ModelConfig.for_layout("mosi", "unaligned", setting="kt", **SMALL)
+    cfg = model_config("mosi", "unaligned", setting="kt", **SMALL)
     model = KTModel(cfg).to("cuda").eval()
     batch = {k: v.to("cuda") for k, v in synthetic_batch(cfg, 6).items()}
     poisoned = dict(batch, a=torch.full_like(batch["a"], float("nan")))

@@ -25,10 +25,10 @@ def _tidy(values: dict[tuple[str, int], float], metric: str = "mae", column: str
     return pd.DataFrame(rows)
 
 
-def test_paired_differences_by_hand():
+def test_paired_comparison_by_hand():
     tidy = _tidy({("kt", 1): 0.80, ("kt", 2): 0.90, ("kt", 3): 1.00,
                   ("language_vision", 1): 0.85, ("language_vision", 2): 0.92, ("language_vision", 3): 0.99})
-    row = X.paired_differences(tidy, metrics=("mae",)).iloc[0]
+    row = X.paired_comparison(tidy, metrics=("mae",)).iloc[0]
     # MAE: lower is better, so the signed differences are lv - kt = 0.05, 0.02, -0.01
     np.testing.assert_allclose(row["differences"], [0.05, 0.02, -0.01])
     assert row["seeds"] == [1, 2, 3] and row["n_seeds"] == 3 and row["signs"] == "2/3"
@@ -39,28 +39,28 @@ def test_paired_differences_by_hand():
     assert row["verdict"] == "undecided"
 
 
-def test_paired_differences_higher_is_better_and_one_seed():
+def test_paired_comparison_higher_is_better_and_one_seed():
     tidy = _tidy({("kt", 1): 0.70, ("language_vision", 1): 0.60}, metric="corr")
-    row = X.paired_differences(tidy, metrics=("corr",)).iloc[0]
+    row = X.paired_comparison(tidy, metrics=("corr",)).iloc[0]
     assert row["mean_diff"] == pytest.approx(0.10) and row["signs"] == "1/1" and np.isnan(row["ci_low"])
     assert row["verdict"] == "undecided (1 seed)"
 
 
-def test_paired_differences_pair_by_seed_not_by_position():
+def test_paired_comparison_pair_by_seed_not_by_position():
     # kt ran seeds 1-3, language+vision seeds 2-4: only seeds 2 and 3 are pairs
     tidy = _tidy({("kt", 1): 0.0, ("kt", 2): 0.80, ("kt", 3): 0.90,
                   ("language_vision", 2): 0.85, ("language_vision", 3): 0.96, ("language_vision", 4): 5.0})
-    row = X.paired_differences(tidy, metrics=("mae",)).iloc[0]
+    row = X.paired_comparison(tidy, metrics=("mae",)).iloc[0]
     assert row["seeds"] == [2, 3] and row["n_seeds"] == 2
     np.testing.assert_allclose(row["differences"], [0.05, 0.06])
     assert row["mean_diff"] == pytest.approx(0.055)
 
 
-def test_paired_differences_refuse_two_runs_of_one_seed():
+def test_paired_comparison_refuse_two_runs_of_one_seed():
     tidy = _tidy({("kt", 1): 0.8, ("language_vision", 1): 0.9})
     twice = pd.concat([tidy, tidy.assign(value=0.7, run="other")])
     with pytest.raises(ValueError, match="several runs with the same seed"):
-        X.paired_differences(twice, metrics=("mae",))
+        X.paired_comparison(twice, metrics=("mae",))
 
 
 def test_claim_verdicts_follow_the_paired_interval():
@@ -130,13 +130,13 @@ def test_linear_probe_finds_more_of_the_audio_when_more_of_it_is_shared(sim_cach
 def _fake_run(store, setting: str, seed: int, mae: float, layout: str = "mosi_aligned", data_seed: int = 0,
               **model_overrides):
     """A finished run folder as load_or_train writes it (config.json, metrics.json, history.csv), no training."""
-    from ktlib.model import ModelConfig
+    from ktlib.config import model_config, profile
     from ktlib.simulate import SimConfig
     from ktlib.specs import LAYOUTS
-    from ktlib.train import TrainConfig, profile
+    from ktlib.train import TrainConfig
 
     quick = profile("quick")
-    model = ModelConfig.for_layout(LAYOUTS[layout], setting=setting, **{**quick.model, **model_overrides})
+    model = model_config(LAYOUTS[layout], setting=setting, **{**quick.model, **model_overrides})
     train = TrainConfig(**{**quick.train, "seed": seed})
     if layout == "mosi_utterance":
         data = {"layout": layout, "synthetic": False, "file": "mosi_poria2017_utt_stdsplit.pkl", "bytes": 2_500_000}

@@ -12,20 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import ktlib.model as model_module
-from ktlib.model import (
+import ktlib.layers as layers_module
+from ktlib.config import model_config
+from ktlib.layers import (
     AttentionMask,
-    CrossModalAttention,
     Dropout,
     ExplicitAttention,
-    KTModel,
-    ModelConfig,
-    SinusoidalPositions,
-    TransformerEncoder,
     causal_mask,
     causal_mask_from_padding,
     dropout,
     dropout_mask,
+)
+from ktlib.model import (
+    CrossModalAttention,
+    KTModel,
+    SinusoidalPositions,
+    TransformerEncoder,
 )
 from ktlib.train import make_optimizer, task_loss
 
@@ -178,7 +180,7 @@ def test_fused_and_explicit_cpu_paths_agree(monkeypatch):
     mask = causal_mask_from_padding(front_padding([5, 2, 4], 5), kpm)
     with torch.no_grad():
         explicit = att(query, source, key_padding_mask=kpm, attn_mask=mask)[0]  # small: the explicit path
-        monkeypatch.setattr(model_module, "SMALL_ATTENTION", 0)
+        monkeypatch.setattr(layers_module, "SMALL_ATTENTION", 0)
         fused = att(query, source, key_padding_mask=kpm, attn_mask=mask)[0]
     assert torch.allclose(explicit, fused, atol=1e-6)
     assert torch.allclose(fused[2], att.out_proj.bias.expand(5, 8))  # no key: zero attention result
@@ -209,10 +211,10 @@ def test_long_causal_self_attention_equals_the_plain_stack(monkeypatch, training
     enc = TransformerEncoder(8, 2, layers=2, causal=True).train(training)  # no dropout: training is exact too
     x = torch.randn(4, 12, 8, requires_grad=True)
     pad = front_padding([12, 5, 1, 0], 12)
-    monkeypatch.setattr(model_module, "CAUSAL_CHUNK", 4)  # 12 >= 2 * 4: the real-first path
+    monkeypatch.setattr(layers_module, "CAUSAL_CHUNK", 4)  # 12 >= 2 * 4: the real-first path
     moved = enc(x, x_mask=pad)[0]
     grad_moved = torch.autograd.grad(moved.square().sum(), x)[0]
-    monkeypatch.setattr(model_module, "CAUSAL_CHUNK", 100)  # the plain path
+    monkeypatch.setattr(layers_module, "CAUSAL_CHUNK", 100)  # the plain path
     plain = enc(x, x_mask=pad)[0]
     grad_plain = torch.autograd.grad(plain.square().sum(), x)[0]
     assert torch.allclose(moved, plain, atol=1e-6)
@@ -224,7 +226,7 @@ def test_long_causal_self_attention_equals_the_plain_stack(monkeypatch, training
 
 
 def _one_step(seed: int):
-    cfg = ModelConfig.for_layout("mosi", "aligned", setting="kt", d=8, heads=2, layers=1, mem_layers=1, kt_layers=1,
+    cfg = model_config("mosi", "aligned", setting="kt", d=8, heads=2, layers=1, mem_layers=1, kt_layers=1,
                                  seq_lens={"l": 12, "a": 12, "v": 12})
     torch.manual_seed(0)
     model = KTModel(cfg).train()
@@ -243,7 +245,7 @@ def _one_step(seed: int):
 
 
 def test_same_seed_gives_the_same_training_step_with_dropout_on():
-    assert ModelConfig.for_layout("mosi").attn_dropout["l"] > 0  # the paper's dropouts are on here
+    assert model_config("mosi").attn_dropout["l"] > 0  # the paper's dropouts are on here
     loss_a, params_a = _one_step(7)
     loss_b, params_b = _one_step(7)
     loss_c, _ = _one_step(8)

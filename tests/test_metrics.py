@@ -18,7 +18,6 @@ from ktlib.metrics import (
     acc7,
     corr,
     f1_has0,
-    f1_has0_mult_order,
     f1_non0,
     f1_non0_mult_order,
     iemocap_metrics,
@@ -203,16 +202,12 @@ def test_mult_order_f1_differs_from_the_correct_one():
     assert regression_metrics(ORDER_PRED, ORDER_TRUTH)["f1_non0_mult_order"] == pytest.approx(58 / 70)
 
 
-def test_mult_order_has0_variant():
+def test_has0_f1_on_the_order_case():
     # Has0 keeps the zero truth (T) with pred 3.0 (T):
     # truth >= 0 = [F, F, F, F, T, T, T], pred >= 0 = [F, F, F, T, T, T, T]
     # class F: tp = 3, predicted 3, true 4 -> P = 1, R = 3/4, F1 = 1.5 / 1.75 = 6/7
     # class T: tp = 3, predicted 4, true 3 -> P = 3/4, R = 1, F1 = 6/7
-    # both classes have F1 6/7, so any weights give 6/7: here the two orders agree
     assert f1_has0(ORDER_PRED, ORDER_TRUTH) == pytest.approx(6 / 7)
-    assert f1_has0_mult_order(ORDER_PRED, ORDER_TRUTH) == pytest.approx(6 / 7)
-    # on the 6-sample case: per-class F1 2/3 and 2/3 -> 2/3 either way
-    assert f1_has0_mult_order(PRED, TRUTH) == pytest.approx(2 / 3)
 
 
 def test_regression_binary_metrics_match_sklearn_on_random_scores():

@@ -13,7 +13,6 @@ from ktlib.missing import (
     applies,
     auilc,
     drop_frames,
-    drop_frames_split,
     expected_modality_missing_rate,
     fixed_presence,
     modality_presence,
@@ -115,7 +114,7 @@ def test_fixed_presence_is_exact():
     np.testing.assert_array_equal(p.presence(5, "train"), np.ones((5, 3), bool))  # test-only: train complete
     np.testing.assert_array_equal(fixed_presence(5, ("a",)), presence_matrix(5, ("a",)))
     np.testing.assert_array_equal(fixed_presence(2, ("l", "v")), [[False, True, False]] * 2)
-    assert p.expected_missing_rate() == pytest.approx(1 / 3)
+    assert (~p.presence(6, "test")).mean() == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="cannot remove all three"):
         fixed_presence(3, ("l", "a", "v"))
 
@@ -124,7 +123,7 @@ def test_expected_modality_rate_by_hand():
     assert expected_modality_missing_rate(0.0) == 0.0
     assert expected_modality_missing_rate(0.3) == pytest.approx(0.3 - 0.027 / 3)  # 0.291
     assert expected_modality_missing_rate(1.0) == pytest.approx(2 / 3)
-    assert Protocol("modality", 0.7).expected_missing_rate() == pytest.approx(0.7 - 0.343 / 3)
+    assert expected_modality_missing_rate(0.7) == pytest.approx(0.7 - 0.343 / 3)
     with pytest.raises(ValueError, match=r"rate must be in \[0, 1\]"):
         expected_modality_missing_rate(1.2)
 
@@ -259,7 +258,7 @@ def test_frame_protocol_phase_split_and_epoch():
     assert all(out_m[k] is batch[k] for k in batch) and not any(dm[m].any() for m in MODALITIES)
 
 
-def test_frame_on_a_real_loader_batch_matches_split_version():
+def test_frame_on_a_real_loader_batch_matches_per_sample_draws():
     g = np.random.default_rng(0)
     n = 6
     feats = {}
@@ -274,15 +273,17 @@ def test_frame_on_a_real_loader_batch_matches_split_version():
     batch = MultimodalDataset(split).__getitems__([4, 1, 5])
     p = Protocol("frame", 0.5, seed=9)
     out, dropped = p.apply_batch(batch, "test")
-    new_split, split_dropped = p.apply_split(split, "test")
+    for row, i in enumerate([4, 1, 5]):  # sample i's draws: default_rng([*seed words, i]), l, a, v in turn
+        rng = np.random.default_rng([*p._seed_for("test", 0), i])
+        for m in MODALITIES:
+            x = feats[m][i]
+            expected = (rng.random(x.shape[0]) < 0.5) & (x != 0).any(-1)
+            np.testing.assert_array_equal(dropped[m][row].numpy(), expected)
+            np.testing.assert_array_equal(out[m][row].numpy(), np.where(expected[:, None], 0.0, x))
     for m in MODALITIES:
-        np.testing.assert_array_equal(dropped[m].numpy(), split_dropped[m][[4, 1, 5]])
-        np.testing.assert_array_equal(out[m].numpy(), new_split.features(m)[[4, 1, 5]])
         np.testing.assert_array_equal(split.features(m), before[m])  # input split unmodified
-    same, none_dropped = p.apply_split(split, "train")
-    assert same is split and not any(none_dropped[m].any() for m in MODALITIES)
-    with pytest.raises(ValueError, match="must be a SplitData"):
-        drop_frames_split(batch, 0.5, seed=0)
+    same, none_dropped = p.apply_batch(batch, "train")
+    assert all(same[m] is batch[m] for m in MODALITIES) and not any(none_dropped[m].any() for m in MODALITIES)
 
 
 @pytest.mark.parametrize("change, kwargs, match", [

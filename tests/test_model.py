@@ -16,22 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ktlib.checkpoint import load_checkpoint, save_checkpoint
+from ktlib.config import model_config
 from ktlib.data import load_simulated, make_loader
+from ktlib.layers import causal_mask, causal_mask_from_padding, pool_onto, span_mask_from_padding
 from ktlib.model import (
+    SETTING_TABLE,
     SETTINGS,
     CrossModalAttention,
     KTModel,
     ModelConfig,
-    causal_mask,
-    causal_mask_from_padding,
     consistency_loss,
     count_parameters,
-    derangement,
-    load_checkpoint,
-    pool_onto,
-    save_checkpoint,
-    span_mask_from_padding,
 )
+from ktlib.model_extras import derangement, load_audio_encoder
 from ktlib.simulate import preset
 from ktlib.specs import MODALITIES, get_layout
 
@@ -48,7 +46,7 @@ SHORT = {
 # Sources fused per kept target, summed over the targets (all targets kept): the pooled width in units of d.
 # Three inputs: each target attends to the two others (3 x 2); two inputs: one each (2 x 1); a lone modality: itself.
 POOLED_SOURCES = {"full": 6, "kt": 6, "language_vision": 2, "vision_only": 1, "language_only": 1}
-AUDIO_FREE = ("kt", "language_vision", "vision_only", "language_only")  # settings that never read audio at inference
+AUDIO_FREE = [s for s in SETTINGS if "a" not in SETTING_TABLE[s].reads_at_test]  # never read audio at inference
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -113,7 +111,7 @@ def build(cfg: ModelConfig, seed: int = 0) -> KTModel:
 @pytest.mark.parametrize(("dataset", "alignment"), PRESETS, ids=PRESET_IDS)
 def test_shapes_of_every_preset_and_setting(dataset, alignment, setting):
     layout = get_layout(dataset, alignment)
-    cfg = ModelConfig.for_layout(dataset, alignment, setting=setting, **TINY)
+    cfg = model_config(dataset, alignment, setting=setting, **TINY)
     assert cfg.task == layout.task and cfg.seq_lens == layout.seq_lens and cfg.feature_dims == layout.feature_dims
     model = build(cfg)
     batch = synth_batch(cfg, batch_size=2)
@@ -153,7 +151,7 @@ def test_shapes_of_every_preset_and_setting(dataset, alignment, setting):
 
 
 def test_classification_logits_are_four_binary_tasks():
-    cfg = ModelConfig.for_layout("iemocap", "aligned", **TINY, **NO_DROPOUT, seq_lens={"l": 6, "a": 6, "v": 6})
+    cfg = model_config("iemocap", "aligned", **TINY, **NO_DROPOUT, seq_lens={"l": 6, "a": 6, "v": 6})
     model = build(cfg).eval()
     batch = synth_batch(cfg, batch_size=3)
     with torch.no_grad():
@@ -276,7 +274,7 @@ def test_overfits_one_batch(simulated_batches, dataset, setting):
     12%), IEMOCAP kt 1.3%, the other settings 0.6-3.4%; after 60 steps every case is already below 15%.
     """
     batch = simulated_batches[dataset]
-    cfg = ModelConfig.for_layout(dataset, "aligned", setting=setting, **TINY, **NO_DROPOUT)
+    cfg = model_config(dataset, "aligned", setting=setting, **TINY, **NO_DROPOUT)
     model = build(cfg).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     history = []
@@ -349,7 +347,6 @@ def _audio_variants(batch):
 def test_prediction_ignores_audio_at_inference(setting, alignment):
     cfg = short_config(alignment, setting=setting)
     model = build(cfg).eval()
-    assert not model.reads_audio()
     batch = synth_batch(cfg, batch_size=3)
     with torch.no_grad():
         reference = model(batch)
@@ -368,7 +365,7 @@ def test_audio_traps_fire_where_audio_is_read():
     """Controls for the test above: the traps do catch a read (kt training, full at inference)."""
     kt = build(short_config("aligned", setting="kt")).train()
     full = build(short_config("aligned", setting="full")).eval()
-    assert kt.reads_audio() and full.reads_audio()
+    assert "a" in SETTING_TABLE["full"].reads_at_test and "a" not in SETTING_TABLE["kt"].reads_at_test
     batch = synth_batch(kt.cfg)
     for model in (kt, full):
         with pytest.raises(LookupError, match="audio|batch"):
@@ -588,7 +585,7 @@ def test_causal_mask_hand_example():
 ])
 @pytest.mark.parametrize(("dataset", "alignment"), [("mosi", "unaligned"), ("iemocap", "aligned")])
 def test_config_round_trips_through_json(dataset, alignment, overrides):
-    cfg = ModelConfig.for_layout(dataset, alignment, **overrides)
+    cfg = model_config(dataset, alignment, **overrides)
     text = cfg.to_json()
     assert json.loads(text)["targets"] == list(cfg.targets)  # plain JSON: the tuple is written as a list
     back = ModelConfig.from_json(text)
@@ -635,28 +632,28 @@ def test_invalid_config_values_raise_clear_errors(overrides, message):
 
 def test_source_time_axis_needs_equal_lengths():
     with pytest.raises(ValueError, match=r"kt_time_axis='source' needs l, a, v of one length.*use 'queries'"):
-        ModelConfig.for_layout("mosi", "unaligned", kt_time_axis="source")
-    assert ModelConfig.for_layout("mosi", "unaligned").time_axis == "language"
-    assert ModelConfig.for_layout("mosi", "unaligned", setting="kt_any").time_axis == "queries"
-    assert ModelConfig.for_layout("mosi", "aligned").time_axis == "source"
-    assert ModelConfig.for_layout("mosi", "aligned", kt_time_axis="queries").time_axis == "queries"
+        model_config("mosi", "unaligned", kt_time_axis="source")
+    assert model_config("mosi", "unaligned").time_axis == "language"
+    assert model_config("mosi", "unaligned", setting="kt_any").time_axis == "queries"
+    assert model_config("mosi", "aligned").time_axis == "source"
+    assert model_config("mosi", "aligned", kt_time_axis="queries").time_axis == "queries"
 
 
 def test_paper_configuration_per_dataset():
     # Table 5: d=40, 4 layers; heads 10 / 8 / 10; kernels L/A/V 1/3/3 (IEMOCAP 3/5/3)
-    mosi, mosei, iemocap = (ModelConfig.for_layout(d, "aligned") for d in ("mosi", "mosei", "iemocap"))
+    mosi, mosei, iemocap = (model_config(d, "aligned") for d in ("mosi", "mosei", "iemocap"))
     assert (mosi.d, mosi.layers, mosi.heads, mosi.task) == (40, 4, 10, "regression")
     assert (mosei.heads, mosei.text_dropout, mosei.embed_dropout) == (8, 0.3, 0.1)
     assert (iemocap.heads, iemocap.task, iemocap.kernels) == (10, "classification", {"l": 3, "a": 5, "v": 3})
     assert iemocap.seq_lens == {"l": 20, "a": 20, "v": 20}
-    assert ModelConfig.for_layout("mosi", "unaligned", d=16, heads=4).seq_lens == {"l": 50, "a": 375, "v": 500}
+    assert model_config("mosi", "unaligned", d=16, heads=4).seq_lens == {"l": 50, "a": 375, "v": 500}
     # the official MulT code's defaults: d=30, 5 layers, 5 heads, kernel 1 everywhere, output dropout 0
-    code = ModelConfig.for_layout("mosei", "unaligned", preset="mult_code")
+    code = model_config("mosei", "unaligned", preset="mult_code")
     assert (code.d, code.layers, code.heads, code.out_dropout) == (30, 5, 5, 0.0)
     assert code.kernels == {"l": 1, "a": 1, "v": 1} and code.feature_dims == {"l": 300, "a": 74, "v": 35}
     assert ModelConfig.from_json(code.to_json()) == code
     with pytest.raises(ValueError, match=r"preset must be 'paper' or 'mult_code', got 'tiny'"):
-        ModelConfig.for_layout("mosi", "aligned", preset="tiny")
+        model_config("mosi", "aligned", preset="tiny")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -882,7 +879,7 @@ def test_samples_without_audio_do_not_enter_the_consistency_loss(alignment):
 
 
 def test_parameter_counts_at_the_paper_mosi_config():
-    models = {s: KTModel(ModelConfig.for_layout("mosi", "aligned", setting=s)) for s in SETTINGS}
+    models = {s: KTModel(model_config("mosi", "aligned", setting=s)) for s in SETTINGS}
     counts = {s: count_parameters(m) for s, m in models.items()}
     assert counts["vision_only"] < counts["language_only"] < counts["language_vision"] < counts["full"] < counts["kt"]
     full, kt = models["full"], models["kt"]
@@ -903,7 +900,7 @@ def test_load_audio_encoder_copies_the_audio_projection():
     cfg = short_config("aligned", setting="kt")
     kt, full = build(cfg, seed=1), build(short_config("aligned", setting="full"), seed=2)
     assert not torch.equal(kt.proj["a"].conv.weight, full.proj["a"].conv.weight)
-    kt.load_audio_encoder(full)
+    load_audio_encoder(kt, full)
     assert torch.equal(kt.proj["a"].conv.weight, full.proj["a"].conv.weight)
     assert kt.proj["a"].conv.weight.data_ptr() != full.proj["a"].conv.weight.data_ptr()  # a copy, not shared
 
@@ -969,7 +966,7 @@ def test_target_from_a_run_is_that_runs_projected_audio_and_stays_fixed():
     cfg = short_config("aligned", setting="kt", kt_target="run")
     kt, full = build(cfg, seed=1), build(short_config("aligned", setting="full"), seed=2)
     assert isinstance(kt.kt.enc_a, nn.Identity), "with kt_target='run', f_A is the run's projection itself"
-    kt.load_audio_encoder(full)
+    load_audio_encoder(kt, full)
     batch = synth_batch(cfg)
     _, details = kt.train()(batch, return_details=True)
     with torch.no_grad():
@@ -978,13 +975,13 @@ def test_target_from_a_run_is_that_runs_projected_audio_and_stays_fixed():
     (details["loss_va"] + details["loss_la"]).backward()
     assert all(not p.requires_grad and p.grad is None for p in kt.proj["a"].parameters())
     with pytest.raises(ValueError, match=r"has no audio projection; use a run that saw real audio"):
-        kt.load_audio_encoder(build(short_config("aligned", setting="language_vision")))
+        load_audio_encoder(kt, build(short_config("aligned", setting="language_vision")))
 
 
 def test_memory_target_is_the_audio_only_runs_memory_output_over_its_audio():
     cfg = short_config("aligned", setting="kt", kt_target="run_memory")
     kt, audio_only = build(cfg, seed=1), build(short_config("aligned", setting="audio_only"), seed=2).eval()
-    kt.load_audio_encoder(audio_only)
+    load_audio_encoder(kt, audio_only)
     batch = synth_batch(cfg)
     _, details = kt.train()(batch, return_details=True)  # training mode: the target is still computed in eval mode
     with torch.no_grad():
@@ -994,7 +991,7 @@ def test_memory_target_is_the_audio_only_runs_memory_output_over_its_audio():
     (details["loss_va"] + details["loss_la"]).backward()
     assert all(not p.requires_grad and p.grad is None for p in kt.kt.enc_a.parameters())
     with pytest.raises(ValueError, match=r"reads the memory of an audio_only run, got a 'full' run"):
-        kt.load_audio_encoder(build(short_config("aligned", setting="full")))
+        load_audio_encoder(kt, build(short_config("aligned", setting="full")))
 
 
 def test_derangement_pairs_every_sample_with_another():
@@ -1038,7 +1035,7 @@ def test_supervising_delta_adds_its_weighted_loss_to_the_consistency_term():
 def test_memory_depth_follows_mult():
     assert ModelConfig(layers=4).mem_layers == 4 and ModelConfig(layers=1).mem_layers == 3
     assert ModelConfig(layers=5, mem_layers=2).mem_layers == 2
-    assert ModelConfig.for_layout("mosi", "aligned").mem_layers == 4  # the paper's 4 layers
+    assert model_config("mosi", "aligned").mem_layers == 4  # the paper's 4 layers
 
 
 # ---------------------------------------------------------------------------------------------------------

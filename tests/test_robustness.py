@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from ktlib import experiments as E
+from ktlib.config import model_config, profile
 from ktlib.data import load_simulated, make_loader
 from ktlib.missing import Protocol, narrow, subset_presence
-from ktlib.model import KT_SOURCES, KTModel, ModelConfig
+from ktlib.model import KT_SOURCES, KTModel
 from ktlib.runs import Run, load_or_train, run_id
 from ktlib.simulate import preset
 from ktlib.specs import MODALITIES
-from ktlib.train import TrainConfig, distillation_loss, eval_loader, evaluate, fit, profile, train_keep
+from ktlib.train import TrainConfig, distillation_loss, eval_loader, evaluate, fit, train_allowed
 
 SMOKE = profile("smoke")
 
@@ -32,7 +33,7 @@ def unaligned(tmp_path_factory):
 
 def _model(data, setting, seed=0, **overrides):
     torch.manual_seed(seed)
-    return KTModel(ModelConfig.for_layout(data.layout, setting=setting, **{**SMOKE.model, **overrides}))
+    return KTModel(model_config(data.layout, setting=setting, **{**SMOKE.model, **overrides}))
 
 
 def _batch(data, n=12, present=None, split="test"):
@@ -69,18 +70,18 @@ def test_narrow_keeps_the_intersection_or_what_is_present():
     assert narrow(present, keep).tolist() == [[True, False, False], [True, False, True], [False, True, False]]
 
 
-def test_train_keep_follows_the_protocol_phase_and_the_subsets():
+def test_train_allowed_follows_the_protocol_phase_and_the_subsets():
     base = TrainConfig(**SMOKE.train, seed=3)
-    assert train_keep(base, 50, 0) is None
-    assert train_keep(replace(base, protocol=Protocol("modality", rate=0.5)), 50, 0) is None  # test only
+    assert train_allowed(base, 50, 0) is None
+    assert train_allowed(replace(base, protocol=Protocol("modality", rate=0.5)), 50, 0) is None  # test only
     trained = replace(base, protocol=Protocol("modality", rate=0.5, phase="train_test"))
-    keep = train_keep(trained, 4000, 0)
+    keep = train_allowed(trained, 4000, 0)
     assert abs((1 - keep.mean()) - (0.5 - 0.5**3 / 3)) < 0.02 and keep.any(axis=1).all()
-    assert not np.array_equal(keep, train_keep(trained, 4000, 1))  # fresh masks every epoch
-    assert np.array_equal(keep, train_keep(trained, 4000, 0))  # reproducible
-    both = train_keep(replace(trained, train_drop="subsets"), 4000, 0)
+    assert not np.array_equal(keep, train_allowed(trained, 4000, 1))  # fresh masks every epoch
+    assert np.array_equal(keep, train_allowed(trained, 4000, 0))  # reproducible
+    both = train_allowed(replace(trained, train_drop="subsets"), 4000, 0)
     assert both.any(axis=1).all() and not (both & ~keep).any()  # a narrowing of the protocol's pattern
-    fixed = train_keep(replace(base, protocol=Protocol("fixed", modalities=("a",), phase="train_test")), 10, 0)
+    fixed = train_allowed(replace(base, protocol=Protocol("fixed", modalities=("a",), phase="train_test")), 10, 0)
     assert fixed.tolist() == [[True, False, True]] * 10
 
 
@@ -148,12 +149,12 @@ def test_kt_any_simulated_missing_uses_the_reconstruction_but_supervises_with_th
     keep = torch.ones(12, 3, dtype=torch.bool)
     keep[:, 1] = False  # audio dropped for the backbone, still real
     torch.manual_seed(0)
-    _, details = model(dict(batch, keep=keep), return_details=True)
+    _, details = model(dict(batch, allowed=keep), return_details=True)
     assert details["loss_va"] > 0  # the real audio is the target
     torch.manual_seed(0)
-    out_poisoned = model.eval()(dict(batch, keep=keep, a=torch.full_like(batch["a"], float("nan"))))
+    out_poisoned = model.eval()(dict(batch, allowed=keep, a=torch.full_like(batch["a"], float("nan"))))
     torch.manual_seed(0)
-    out = model(dict(batch, keep=keep))
+    out = model(dict(batch, allowed=keep))
     assert torch.equal(out, out_poisoned)  # the backbone never reads the dropped audio
 
 
@@ -226,7 +227,7 @@ def test_distillation_student_never_reads_missing_inputs_at_test(distilled, mosi
 
 
 def test_fit_refuses_a_teacher_without_its_run_id(mosi):
-    model_cfg = ModelConfig.for_layout(mosi.layout, setting="full", **SMOKE.model)
+    model_cfg = model_config(mosi.layout, setting="full", **SMOKE.model)
     with pytest.raises(ValueError, match="distillation needs both"):
         fit(model_cfg, TrainConfig(**SMOKE.train, device="cpu"), mosi, progress=False, teacher=KTModel(model_cfg))
 

@@ -12,11 +12,13 @@ import torch
 import ktlib.runs
 import ktlib.train
 from ktlib.__main__ import main
+from ktlib.checkpoint import CheckpointError, load_checkpoint
+from ktlib.config import model_config, profile
 from ktlib.data import load_simulated
-from ktlib.model import SETTINGS, ModelConfig, load_checkpoint
+from ktlib.model import SETTINGS
 from ktlib.runs import Run, compare_with_paper, grid, load_or_train, paper_table, run_id, summarize
 from ktlib.simulate import preset
-from ktlib.train import CheckpointError, TrainConfig, fit, profile
+from ktlib.train import TrainConfig, fit
 
 SMOKE = profile("smoke")
 
@@ -29,7 +31,7 @@ def iemocap(tmp_path_factory):
 def _configs(data, setting="kt", epochs=2, seed=1, **train):
     """Smoke configurations for fit itself; kt takes its random target here (a target from a run needs the run
     store: see the grid tests)."""
-    model_cfg = ModelConfig.for_layout(data.layout, setting=setting, **{**SMOKE.model, "kt_target": "random"})
+    model_cfg = model_config(data.layout, setting=setting, **{**SMOKE.model, "kt_target": "random"})
     train_cfg = TrainConfig(**{**SMOKE.train, "epochs": epochs, "seed": seed, "device": "cpu", **train})
     return model_cfg, train_cfg
 
