@@ -104,3 +104,20 @@ def setup(dataset: str = "mosi", alignment: str = "aligned", profile_name: str =
     tables = Path(tables_dir) if tables_dir else default_runs_dir() / "tables"
     return Workbook(dataset, alignment, prof, list(range(1, seeds + 1)), data, Path(figures_dir), tables,
                     workers or None, scheduler or None)
+
+
+def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict | None = None,
+                     timeout: int | None = None) -> None:
+    """Run a notebook headlessly with papermill: in its own folder, on the ``python3`` kernel, ``parameters``
+    injected after its ``parameters`` cell, each cell stopped after ``timeout`` seconds (None: no limit).
+
+    The kernel talks to papermill over IPC (Unix sockets in the Jupyter runtime folder), not TCP on localhost:
+    no other user of the machine can reach it, and ipykernel does not warn "running over TCP without
+    encryption" for every notebook (``make reproduce``, the notebook tests).
+    """
+    import papermill as pm
+    from traitlets.config import Config
+
+    pm.execute_notebook(str(notebook), str(output), parameters=parameters or {}, cwd=str(Path(notebook).parent),
+                        kernel_name="python3", progress_bar=False, execution_timeout=timeout,
+                        config=Config({"KernelManager": {"transport": "ipc"}}))

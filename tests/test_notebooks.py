@@ -9,6 +9,8 @@ import pandas as pd
 import papermill as pm
 import pytest
 
+from ktlib.workbook import execute_notebook
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 FIGURES = {
     "00_overview.ipynb": ["00-pipeline"],
@@ -71,10 +73,8 @@ def executed(tmp_path_factory):
         for path in NOTEBOOKS:
             before = {p.parent.name for p in (root / "runs").glob("*/metrics.json")}
             outputs[path.name] = root / path.name
-            pm.execute_notebook(str(path), str(outputs[path.name]), cwd=str(path.parent), kernel_name="python3",
-                                parameters={"profile": "smoke", "figures_dir": str(root / "figures"),
-                                            **EXTRA_PARAMETERS.get(path.name, {})},
-                                progress_bar=False, execution_timeout=300)
+            execute_notebook(path, outputs[path.name], {"profile": "smoke", "figures_dir": str(root / "figures"),
+                                                        **EXTRA_PARAMETERS.get(path.name, {})}, timeout=300)
             after = {p.parent.name for p in (root / "runs").glob("*/metrics.json")}
             added[path.name] = after - before
     finally:
@@ -173,9 +173,7 @@ def test_robustness_tables_cover_every_method_protocol_and_rate(executed):
 def test_out_of_range_parameter_stops_with_a_clear_message(sandbox):
     path = NOTEBOOKS[0]
     with pytest.raises(pm.PapermillExecutionError, match="profile='fast': choose one of"):
-        pm.execute_notebook(str(path), str(sandbox / "bad.ipynb"), parameters={"profile": "fast"},
-                            kernel_name="python3", cwd=str(path.parent), progress_bar=False,
-                            execution_timeout=300)
+        execute_notebook(path, sandbox / "bad.ipynb", {"profile": "fast"}, timeout=300)
 
 
 def test_setup_lists_every_bad_parameter_at_once(sandbox):
@@ -197,3 +195,15 @@ def test_setup_loads_the_simulator_with_the_profiles_scale(sandbox):
     assert wb.seeds == [1, 2] and wb.data.synthetic and wb.data.sim_config.scale == 0.05
     assert wb.scheduler is None  # no address: the runs train on this machine
     assert wb.label == "iemocap_unaligned [synthetic (simulator)]"
+
+
+def test_headless_kernel_runs_without_the_tcp_warning(tmp_path, capfd):
+    # make reproduce printed ipykernel's "running over TCP without encryption" for every notebook: the kernel
+    # now talks over IPC
+    import nbformat
+
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")]), tmp_path / "a.ipynb")
+    execute_notebook(tmp_path / "a.ipynb", tmp_path / "b.ipynb", timeout=60)
+    assert nbformat.read(tmp_path / "b.ipynb", 4).cells[0].outputs[0]["text"] == "42\n"
+    captured = capfd.readouterr()
+    assert "without encryption" not in captured.out + captured.err
