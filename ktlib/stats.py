@@ -183,8 +183,9 @@ def mean_std_table(frame, index: list[str], columns: str = "metric", order=None,
     if "mean" not in frame.columns:
         frame = seed_table(frame, [*index, columns], value)
     count = "n" if "n" in frame.columns else "seeds"
-    cells = frame.assign(cell=[fmt_mean_std(m, s, digits) for m, s in zip(frame["mean"], frame["std"], strict=True)])
-    table = cells.pivot_table(index=index, columns=columns, values="cell", aggfunc="first", sort=sort)
+    cells = frame.assign(_mean_std=[fmt_mean_std(m, s, digits)
+                                    for m, s in zip(frame["mean"], frame["std"], strict=True)])
+    table = cells.pivot_table(index=index, columns=columns, values="_mean_std", aggfunc="first", sort=sort)
     if order is not None:
         table = table[list(order)]
     table.columns.name = seeds_caption(frame[count])
