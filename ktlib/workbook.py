@@ -121,3 +121,17 @@ def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict 
     pm.execute_notebook(str(notebook), str(output), parameters=parameters or {}, cwd=str(Path(notebook).parent),
                         kernel_name="python3", progress_bar=False, execution_timeout=timeout,
                         config=Config({"KernelManager": {"transport": "ipc"}}))
+
+
+def ablation_params(ablation_seeds: int, transfer_seeds: int, transfer_targets: str, supervision: str,
+                    transfer_regimes: str, controls: str, control_regime: str = "default"):
+    """Check the parameters that notebooks 4 and 6 share: the seeds per ablation variant (1 .. 20) and those of
+    notebook 4's part 4 (:func:`ktlib.experiments.transfer_params`).  Returns (ablation seed list, part 4's seed
+    list, part 4's cells)."""
+    from .experiments import transfer_params
+
+    if not (isinstance(ablation_seeds, int) and 1 <= ablation_seeds <= 20):
+        raise ValueError(f"ablation_seeds={ablation_seeds!r}: the seeds per ablation variant, an integer from 1 to 20")
+    transfer_seed_list, cells = transfer_params(transfer_seeds, transfer_targets, supervision, transfer_regimes,
+                                                controls, control_regime)
+    return list(range(1, ablation_seeds + 1)), transfer_seed_list, cells

@@ -97,6 +97,16 @@ def test_notebook_runs_headlessly_and_writes_its_figures(path, executed):
     assert "synthetic (simulator)" in text, "a run on the simulator says so"
 
 
+@pytest.mark.parametrize("name", [p.name for p in NOTEBOOKS if p.name[:2] in ("03", "04", "05", "06", "07")])
+def test_results_notebooks_open_with_their_question_and_close_with_a_computed_answer(executed, name):
+    cells = json.loads(executed["outputs"][name].read_text())["cells"]
+    assert cells[0]["cell_type"] == "markdown" and "**The question:**" in "".join(cells[0]["source"])
+    last = [c for c in cells if c["cell_type"] == "code"][-1]
+    answer = "".join(o.get("text", "") for o in last["outputs"] if o["output_type"] == "stream")
+    assert "from ktlib import answers" in "".join(last["source"])  # computed from the runs, not typed in
+    assert answer.startswith("[synthetic (simulator)]") and len(answer) > 100, answer  # in words, labelled
+
+
 def _finite_cells(table: pd.DataFrame, column: str) -> np.ndarray:
     """Numbers of a column, reading 'mean ± std' strings as their mean."""
     return table[column].astype(str).str.split(" ± ").str[0].astype(float).to_numpy()
