@@ -111,7 +111,8 @@ def robustness(test_only: pd.DataFrame, auilc: pd.DataFrame | None, metric: str,
         for (missing, phase), part in auilc[auilc["metric"] == metric].groupby(["kind", "phase"], sort=False):
             part = part.sort_values("mean", ascending=metric in LOWER_IS_BETTER)
             ranked = ", then ".join(f"{r.method} {fmt_mean_std(r.mean, r.std)}" for r in part.itertuples())
-            lines.append(f"[{kind}] {missing}-level missing at {phase.replace('_', ' and ')}: AUILC in {metric} "
-                         f"{ranked}; {seeds_caption(part['seeds'])}.")
+            when = "train and test" if phase == "train_test" else "test only"
+            lines.append(f"[{kind}] {missing}-level missing at {when}, AUILC in {metric}: {ranked}; "
+                         f"{seeds_caption(part['seeds'])}.")
     return "\n".join(lines) or f"[{kind}] no protocol was run"
 
