@@ -102,7 +102,7 @@ def test_results_notebooks_open_with_their_question_and_close_with_a_computed_an
     cells = json.loads(executed["outputs"][name].read_text())["cells"]
     assert cells[0]["cell_type"] == "markdown" and "**The question:**" in "".join(cells[0]["source"])
     last = [c for c in cells if c["cell_type"] == "code"][-1]
-    answer = "".join(o.get("text", "") for o in last["outputs"] if o["output_type"] == "stream")
+    answer = "".join("".join(o.get("text", "")) for o in last["outputs"] if o["output_type"] == "stream")
     assert "from ktlib import answers" in "".join(last["source"])  # computed from the runs, not typed in
     assert answer.startswith("[synthetic (simulator)]") and len(answer) > 100, answer  # in words, labelled
 
