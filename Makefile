@@ -23,7 +23,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 help:
 	@echo "make reproduce   run every notebook in order on the built-in (simulated) data (PROFILE=quick|smoke|paper)"
 	@echo "make test        run the test suite"
-	@echo "make browser-test  open a notebook in JupyterLab in headless Chromium, run it, save a screenshot"
+	@echo "make browser-test  open each notebook with a widget in JupyterLab in headless Chromium, run it, move the widget"
 	@echo "make bench       ms per training step (quick, paper aligned and unaligned) and peak memory on this device"
 	@echo "make gpu-check   on a GPU machine, once: CUDA tests, step times, runs per device, Table I timed (about 8 min)"
 	@echo "make lab         open JupyterLab with the project's kernel"
@@ -49,11 +49,13 @@ test: $(STAMP)
 	$(PY) -m ruff check ktlib tests
 	$(PY) -m pytest
 
-# Debian's chromium and chromium-driver (installed here when apt-get can), selenium from PyPI.
+# Debian's chromium and chromium-driver (installed here when apt-get can: as root, else through sudo; a fresh
+# machine's package lists are fetched first), selenium from PyPI.  The notebooks run in the smoke profile.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser-test: $(STAMP)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		(apt-get install -y -qq chromium chromium-driver >/dev/null || \
-		 (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)) || \
+		($(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null || \
+		 ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null)) || \
 		echo "could not install chromium and chromium-driver; install them and run again"
 	$(PY) -m pip install -qq selenium
 	$(PY) -m pytest -v -rs tests/test_browser.py

@@ -197,10 +197,9 @@ def cmd_reproduce(args) -> int:
     """Print the built-in data, then execute every notebook in order with papermill."""
     from pathlib import Path
 
-    import papermill as pm
-
     from .data import get_data, project_root
     from .runs import default_runs_dir
+    from .workbook import execute_notebook
 
     start = time.perf_counter()
     print("ktlib reproduce: the built-in data (simulated MulT-layout MOSI; synthetic, not the real corpus)\n")
@@ -215,9 +214,8 @@ def cmd_reproduce(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for nb in notebooks:
         t0 = time.perf_counter()
-        pm.execute_notebook(str(nb), str(out_dir / nb.name), cwd=str(nb.parent), kernel_name="python3",
-                            parameters={"profile": args.profile, "figures_dir": str(figures)}, progress_bar=False,
-                            execution_timeout=args.cell_timeout)
+        execute_notebook(nb, out_dir / nb.name, {"profile": args.profile, "figures_dir": str(figures)},
+                         args.cell_timeout)
         print(f"executed {nb.name} ({time.perf_counter() - t0:.1f} s) -> {out_dir / nb.name}", flush=True)
     tables = default_runs_dir() / "tables"
     print(f"\ndone in {time.perf_counter() - start:.1f} s ({args.profile} profile)")

@@ -43,6 +43,17 @@ _MAX_POSITIONS_SHOWN = 5  # how many offending positions an error message lists
 
 # Lower is better for these metrics (and the losses); higher for every other one.
 LOWER_IS_BETTER = ("mae", "loss")
+# The one number a run is judged by when one is needed (curves, verdicts, the ablation table): MAE for the sentiment
+# scores of MOSI and MOSEI, the mean accuracy over the four emotions for IEMOCAP.
+HEADLINE = {"regression": "mae", "classification": "mean_acc"}
+
+
+def headline_metric(task: str) -> str:
+    """The headline metric of a task (:data:`HEADLINE`): ``"mae"`` for regression, ``"mean_acc"`` for
+    classification.  Prefix ``valid_`` for the column of a run's history."""
+    if task not in HEADLINE:
+        raise ValueError(f"task must be one of {tuple(HEADLINE)}, got {task!r}")
+    return HEADLINE[task]
 
 
 def _to_numpy(x: npt.ArrayLike) -> np.ndarray:

@@ -592,7 +592,11 @@ def compare_with_paper(summary: pd.DataFrame, split: str = "test") -> pd.DataFra
                                            3 if factor == 1 else 1)
             row[f"{column} (paper)"] = paper[column].iloc[0] if len(paper) else np.nan
         rows.append(row)
-    return pd.DataFrame(rows)
+    from .stats import seeds_caption
+
+    table = pd.DataFrame(rows)
+    table.columns.name = seeds_caption(table.get("seeds", ()))  # the std convention, in the header
+    return table
 
 
 def table_notes(table: pd.DataFrame) -> list[str]:

@@ -1,7 +1,8 @@
 """One rule for numbers over training seeds, used by every table, figure and verdict of the workbook.
 
 Spread: **sample standard deviation** (``ddof=1``, divisor n - 1) over seeds, written "mean ± std"
-(:func:`mean_std`, :func:`fmt_mean_std`, :func:`seed_table`).  With one seed the std is undefined (NaN) and the
+(:func:`mean_std`, :func:`fmt_mean_std`, :func:`seed_table`; tables of such cells: :func:`mean_std_table`, which
+names the convention in the header, :func:`seeds_caption`).  With one seed the std is undefined (NaN) and the
 formatter writes "n/a"; it is never shown as 0.
 
 Comparisons: two configurations are compared **paired by seed**.  Each seed's difference is signed so that a
@@ -160,6 +161,35 @@ def seed_table(frame, keys: list[str], value: str = "value", count: str = "n"):
     grouped = frame.groupby(keys, sort=False, dropna=False)[value]
     out = grouped.agg(mean=lambda v: mean_std(v)[0], std=sample_std, **{count: lambda v: len(_finite(v))})
     return out.reset_index()
+
+
+def seeds_caption(counts: Iterable) -> str:
+    """How the "mean ± std" cells of a table were made, e.g. ``"mean ± sample std (ddof=1) over 3 seeds"``
+    (``"over 1-3 seeds"`` where groups differ): every table of such cells names it, in its columns' header."""
+    ns = sorted({int(n) for n in _finite(counts)})
+    over = "no" if not ns else f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    return f"mean ± sample std (ddof=1) over {over} seed{'' if ns == [1] else 's'}"
+
+
+def mean_std_table(frame, index: list[str], columns: str = "metric", order=None, value: str = "value",
+                   digits: int = 3, sort: bool = True):
+    """The workbook's one table of "mean ± std" cells (:func:`fmt_mean_std`): ``index`` by ``columns``.
+
+    ``frame``: one row per seed with a ``value`` column (summarised here by :func:`seed_table`), or one row per
+    group already summarised, with ``mean``, ``std`` and a count (``n`` or ``seeds``), as :func:`seed_table`
+    makes them.  ``order`` keeps those columns, in that order.  The columns' header names the convention
+    (:func:`seeds_caption`).
+    """
+    if "mean" not in frame.columns:
+        frame = seed_table(frame, [*index, columns], value)
+    count = "n" if "n" in frame.columns else "seeds"
+    cells = frame.assign(_mean_std=[fmt_mean_std(m, s, digits)
+                                    for m, s in zip(frame["mean"], frame["std"], strict=True)])
+    table = cells.pivot_table(index=index, columns=columns, values="_mean_std", aggfunc="first", sort=sort)
+    if order is not None:
+        table = table[list(order)]
+    table.columns.name = seeds_caption(frame[count])
+    return table
 
 
 # ----------------------------------------------------------------------------------------------------------------

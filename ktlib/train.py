@@ -389,7 +389,7 @@ def fit(model_cfg: ModelConfig, train_cfg: TrainConfig, data: MultimodalData, ru
 
     bar = tqdm(range(run.start_epoch, train_cfg.epochs), initial=run.start_epoch, total=train_cfg.epochs,
                desc=f"{model_cfg.setting} seed {train_cfg.seed}", disable=not progress, leave=False)
-    key = "mae" if model_cfg.task == "regression" else "mean_acc"
+    key = M.headline_metric(model_cfg.task)
     for epoch in bar:
         t0 = time.perf_counter()
         train_losses = _train_epoch(run, data, train_cfg, epoch, teacher)

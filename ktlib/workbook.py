@@ -104,3 +104,34 @@ def setup(dataset: str = "mosi", alignment: str = "aligned", profile_name: str =
     tables = Path(tables_dir) if tables_dir else default_runs_dir() / "tables"
     return Workbook(dataset, alignment, prof, list(range(1, seeds + 1)), data, Path(figures_dir), tables,
                     workers or None, scheduler or None)
+
+
+def execute_notebook(notebook: str | Path, output: str | Path, parameters: dict | None = None,
+                     timeout: int | None = None) -> None:
+    """Run a notebook headlessly with papermill: in its own folder, on the ``python3`` kernel, ``parameters``
+    injected after its ``parameters`` cell, each cell stopped after ``timeout`` seconds (None: no limit).
+
+    The kernel talks to papermill over IPC (Unix sockets in the Jupyter runtime folder), not TCP on localhost:
+    no other user of the machine can reach it, and ipykernel does not warn "running over TCP without
+    encryption" for every notebook (``make reproduce``, the notebook tests).
+    """
+    import papermill as pm
+    from traitlets.config import Config
+
+    pm.execute_notebook(str(notebook), str(output), parameters=parameters or {}, cwd=str(Path(notebook).parent),
+                        kernel_name="python3", progress_bar=False, execution_timeout=timeout,
+                        config=Config({"KernelManager": {"transport": "ipc"}}))
+
+
+def ablation_params(ablation_seeds: int, transfer_seeds: int, transfer_targets: str, supervision: str,
+                    transfer_regimes: str, controls: str, control_regime: str = "default"):
+    """Check the parameters that notebooks 4 and 6 share: the seeds per ablation variant (1 .. 20) and those of
+    notebook 4's part 4 (:func:`ktlib.experiments.transfer_params`).  Returns (ablation seed list, part 4's seed
+    list, part 4's cells)."""
+    from .experiments import transfer_params
+
+    if not (isinstance(ablation_seeds, int) and 1 <= ablation_seeds <= 20):
+        raise ValueError(f"ablation_seeds={ablation_seeds!r}: the seeds per ablation variant, an integer from 1 to 20")
+    transfer_seed_list, cells = transfer_params(transfer_seeds, transfer_targets, supervision, transfer_regimes,
+                                                controls, control_regime)
+    return list(range(1, ablation_seeds + 1)), transfer_seed_list, cells

@@ -200,6 +200,7 @@ def test_real_fixture_runs_are_named_with_their_caveat_and_no_paper_row(tmp_path
     paper_columns = [c for c in table.columns if c.endswith("(paper)")]
     assert fixture[paper_columns].isna().all()  # no paper number beside the fixture
     assert fixture["MAE"] == "0.710 ± 0.014"
+    assert table.columns.name == "mean ± sample std (ddof=1) over 2 seeds"  # the convention, in the header
     simulated = table[table["dataset"] == "mosi"].iloc[0]
     assert simulated["MAE (paper)"] == pytest.approx(0.858) and simulated["data"] == "synthetic (simulator)"
     assert not ((table["dataset"] == "mosi") & (table["data"] == "real")).any()  # never "mosi aligned real"

@@ -10,6 +10,8 @@ import pandas as pd
 import papermill as pm
 import pytest
 
+from ktlib.workbook import execute_notebook
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 FIGURES = {
     "00_overview.ipynb": ["00-pipeline"],
@@ -91,10 +93,8 @@ def executed(tmp_path_factory):
         for path in NOTEBOOKS:
             before = {p.parent.name for p in (root / "runs").glob("*/metrics.json")}
             outputs[path.name] = root / path.name
-            pm.execute_notebook(str(path), str(outputs[path.name]), cwd=str(path.parent), kernel_name="python3",
-                                parameters={"profile": "smoke", "figures_dir": str(root / "figures"),
-                                            **EXTRA_PARAMETERS.get(path.name, {})},
-                                progress_bar=False, execution_timeout=300)
+            execute_notebook(path, outputs[path.name], {"profile": "smoke", "figures_dir": str(root / "figures"),
+                                                        **EXTRA_PARAMETERS.get(path.name, {})}, timeout=300)
             after = {p.parent.name for p in (root / "runs").glob("*/metrics.json")}
             added[path.name] = after - before
     finally:
@@ -115,6 +115,16 @@ def test_notebook_runs_headlessly_and_writes_its_figures(path, executed):
             assert figure.is_file() and figure.stat().st_size > 1000, f"{figure.name} missing or empty"
     text = executed["outputs"][path.name].read_text()
     assert "synthetic (simulator)" in text, "a run on the simulator says so"
+
+
+@pytest.mark.parametrize("name", [p.name for p in NOTEBOOKS if p.name[:2] in ("03", "04", "05", "06", "07")])
+def test_results_notebooks_open_with_their_question_and_close_with_a_computed_answer(executed, name):
+    cells = json.loads(executed["outputs"][name].read_text())["cells"]
+    assert cells[0]["cell_type"] == "markdown" and "**The question:**" in "".join(cells[0]["source"])
+    last = [c for c in cells if c["cell_type"] == "code"][-1]
+    answer = "".join("".join(o.get("text", "")) for o in last["outputs"] if o["output_type"] == "stream")
+    assert "from ktlib import answers" in "".join(last["source"])  # computed from the runs, not typed in
+    assert answer.startswith("[synthetic (simulator)]") and len(answer) > 100, answer  # in words, labelled
 
 
 def _finite_cells(table: pd.DataFrame, column: str) -> np.ndarray:
@@ -193,9 +203,7 @@ def test_robustness_tables_cover_every_method_protocol_and_rate(executed):
 def test_out_of_range_parameter_stops_with_a_clear_message(sandbox):
     path = NOTEBOOKS[0]
     with pytest.raises(pm.PapermillExecutionError, match="profile='fast': choose one of"):
-        pm.execute_notebook(str(path), str(sandbox / "bad.ipynb"), parameters={"profile": "fast"},
-                            kernel_name="python3", cwd=str(path.parent), progress_bar=False,
-                            execution_timeout=300)
+        execute_notebook(path, sandbox / "bad.ipynb", {"profile": "fast"}, timeout=300)
 
 
 def test_setup_lists_every_bad_parameter_at_once(sandbox):
@@ -217,3 +225,15 @@ def test_setup_loads_the_simulator_with_the_profiles_scale(sandbox):
     assert wb.seeds == [1, 2] and wb.data.synthetic and wb.data.sim_config.scale == 0.05
     assert wb.scheduler is None  # no address: the runs train on this machine
     assert wb.label == "iemocap_unaligned [synthetic (simulator)]"
+
+
+def test_headless_kernel_runs_without_the_tcp_warning(tmp_path, capfd):
+    # make reproduce printed ipykernel's "running over TCP without encryption" for every notebook: the kernel
+    # now talks over IPC
+    import nbformat
+
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")]), tmp_path / "a.ipynb")
+    execute_notebook(tmp_path / "a.ipynb", tmp_path / "b.ipynb", timeout=60)
+    assert nbformat.read(tmp_path / "b.ipynb", 4).cells[0].outputs[0]["text"] == "42\n"
+    captured = capfd.readouterr()
+    assert "without encryption" not in captured.out + captured.err

@@ -96,3 +96,24 @@ def test_seed_table_groups_with_the_sample_std():
     table = S.seed_table(frame, ["method"], count="seeds").set_index("method")
     assert table.loc["a", "std"] == pytest.approx(0.1) and table.loc["a", "seeds"] == 3
     assert math.isnan(table.loc["b", "std"]) and table.loc["b", "mean"] == pytest.approx(0.5)
+
+
+def test_mean_std_table_is_one_pivot_that_names_its_convention():
+    per_seed = pd.DataFrame({"method": ["a", "a", "a", "b", "a"], "metric": ["mae"] * 4 + ["corr"],
+                             "value": [0.8, 0.9, 1.0, 0.5, 0.3]})
+    table = S.mean_std_table(per_seed, ["method"], order=["mae", "corr"])
+    assert list(table.columns) == ["mae", "corr"]
+    assert table.loc["a", "mae"] == "0.900 ± 0.100" and table.loc["b", "mae"] == "0.500 ± n/a"
+    assert table.columns.name == "mean ± sample std (ddof=1) over 1-3 seeds"
+    summarised = S.seed_table(per_seed, ["method", "metric"], count="seeds")  # already summarised: same cells
+    assert S.mean_std_table(summarised, ["method"], order=["mae", "corr"]).equals(table)
+    assert S.seeds_caption([2, 2]) == "mean ± sample std (ddof=1) over 2 seeds"
+    assert S.seeds_caption([1]) == "mean ± sample std (ddof=1) over 1 seed"
+
+
+def test_headline_metric_per_task():
+    from ktlib.metrics import headline_metric
+
+    assert headline_metric("regression") == "mae" and headline_metric("classification") == "mean_acc"
+    with pytest.raises(ValueError, match="task must be one of"):
+        headline_metric("ranking")
