@@ -46,7 +46,7 @@ reproduce: $(STAMP)
 	$(PY) -m ktlib reproduce --profile $(PROFILE)
 
 test: $(STAMP)
-	$(PY) -m ruff check ktlib tests
+	$(PY) -m ruff check ktlib tests notebooks
 	$(PY) -m pytest
 
 # Debian's chromium and chromium-driver (installed here when apt-get can: as root, else through sudo; a fresh
