@@ -88,6 +88,13 @@ def _check_finite(arr: np.ndarray, name: str) -> None:
     )
 
 
+def _check_samples(arr: np.ndarray, name: str) -> None:
+    """Raise if ``arr`` has no sample, or holds NaN or inf."""
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape}); pass at least one sample")
+    _check_finite(arr, name)
+
+
 def _flatten(arr: np.ndarray, name: str, what: str) -> np.ndarray:
     """(N,), (N, 1) or (N, 1, 1) -> (N,); anything else, or an empty array, is an error."""
     if arr.ndim == 0 or any(d != 1 for d in arr.shape[1:]):
@@ -292,9 +299,7 @@ def _iemocap_truth(arr: np.ndarray) -> np.ndarray:
             f"labels has shape {arr.shape}; pass one-hot labels of shape (N, 4, 2) over emotion x (no, yes) "
             "as in the MulT files, or class indices of shape (N, 4) with 0 = no and 1 = yes"
         )
-    if arr.shape[0] == 0:
-        raise ValueError(f"labels is empty (shape {arr.shape}); pass at least one sample")
-    _check_finite(arr, "labels")
+    _check_samples(arr, "labels")
     if not np.isin(arr, (0, 1)).all():
         raise ValueError("labels must hold only 0 and 1 (one-hot rows, or class indices 0 = no, 1 = yes)")
     if not one_hot:
@@ -327,9 +332,7 @@ def iemocap_metrics(logits_or_probs: npt.ArrayLike, labels: npt.ArrayLike) -> di
             f"logits_or_probs has shape {scores.shape}; pass scores of shape (N, 4, 2) over "
             "emotion x (no, yes) (reshape MulT's (N, 8) output with .reshape(-1, 4, 2))"
         )
-    if scores.shape[0] == 0:
-        raise ValueError(f"logits_or_probs is empty (shape {scores.shape}); pass at least one sample")
-    _check_finite(scores, "logits_or_probs")
+    _check_samples(scores, "logits_or_probs")
     labels_arr = _to_numpy(labels)
     truth = _iemocap_truth(labels_arr)  # (N, 4)
     _check_same_length(scores, labels_arr, "logits_or_probs", "labels")
