@@ -227,11 +227,8 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ktlib", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_data_commands(sub) -> None:
+    """`data`, `simulate`, `params`: look at the data and the model without training."""
     p = sub.add_parser("data", help="load a dataset and print its shapes, statistics and labels")
     p.add_argument("--dataset", choices=DATASETS, default="mosi", help="which corpus (default mosi)")
     p.add_argument("--alignment", choices=ALIGNMENTS, default="aligned", help="word-aligned or unaligned files")
@@ -254,47 +251,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alignment", choices=ALIGNMENTS, default="aligned", help="input shapes (default aligned)")
     p.set_defaults(func=cmd_params)
 
+
+def _add_run_options(p, settings_many: bool) -> None:
+    """The options of `train` and `grid`: data, settings and seeds, profile, device, store."""
     from .config import PROFILES
     from .model import SETTINGS
 
-    def add_run_options(p, settings_many: bool):
-        p.add_argument("--dataset", choices=(*DATASETS, "mosi_utterance"), default="mosi",
-                       help="which corpus (default mosi); mosi_utterance: the real utterance-level MOSI file "
-                            "(with --source real --data-path FOLDER)")
-        p.add_argument("--alignment", choices=ALIGNMENTS, default="aligned", help="word-aligned or unaligned")
-        if settings_many:
-            p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS),
-                           help="settings to train (default: all five)")
-            p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="training seeds (default 1 2 3)")
-        else:
-            p.add_argument("--setting", choices=SETTINGS, default="kt", help="which model setting (default kt)")
-            p.add_argument("--seed", type=int, default=1, help="training seed (default 1)")
-        p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                       help="smoke (seconds, for tests) | quick (minutes on a CPU) | paper (Table 5, for a GPU)")
-        p.add_argument("--source", choices=("auto", "real", "simulated"), default="simulated",
-                       help="simulated (default, the built-in data) | real (needs the MulT file) | auto")
-        p.add_argument("--data-path", default=None, help="folder holding the real MulT files (default data/)")
-        p.add_argument("--scale", type=float, default=None, help="simulator scale (default: the profile's)")
-        p.add_argument("--data-seed", type=int, default=0, help="simulator seed (default 0)")
-        p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA if present")
-        p.add_argument("--runs-dir", default=None, help="run store (default runs/, or $KTLIB_RUNS_DIR)")
-        p.add_argument("--force", action="store_true", help="retrain even if this configuration already ran")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    p.add_argument("--dataset", choices=(*DATASETS, "mosi_utterance"), default="mosi",
+                   help="which corpus (default mosi); mosi_utterance: the real utterance-level MOSI file "
+                        "(with --source real --data-path FOLDER)")
+    p.add_argument("--alignment", choices=ALIGNMENTS, default="aligned", help="word-aligned or unaligned")
+    if settings_many:
+        p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS),
+                       help="settings to train (default: all five)")
+        p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="training seeds (default 1 2 3)")
+    else:
+        p.add_argument("--setting", choices=SETTINGS, default="kt", help="which model setting (default kt)")
+        p.add_argument("--seed", type=int, default=1, help="training seed (default 1)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                   help="smoke (seconds, for tests) | quick (minutes on a CPU) | paper (Table 5, for a GPU)")
+    p.add_argument("--source", choices=("auto", "real", "simulated"), default="simulated",
+                   help="simulated (default, the built-in data) | real (needs the MulT file) | auto")
+    p.add_argument("--data-path", default=None, help="folder holding the real MulT files (default data/)")
+    p.add_argument("--scale", type=float, default=None, help="simulator scale (default: the profile's)")
+    p.add_argument("--data-seed", type=int, default=0, help="simulator seed (default 0)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: CUDA if present")
+    p.add_argument("--runs-dir", default=None, help="run store (default runs/, or $KTLIB_RUNS_DIR)")
+    p.add_argument("--force", action="store_true", help="retrain even if this configuration already ran")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_where_options(p) -> None:
+    """Where the runs train: local processes or a Dask cluster."""
+
+    p.add_argument("--workers", type=int, default=0, help="training processes (0: automatic)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="train on the Dask cluster at this address (tcp://host:8786) instead; needs "
+                        "pip install -e '.[cluster]', and the runs folder and data at the same paths there")
+
+
+def _add_training_commands(sub) -> None:
+    """`train` (one run) and `grid` (settings x seeds)."""
     p = sub.add_parser("train", help="train one run, or load it if it already ran, and print its metrics")
-    add_run_options(p, settings_many=False)
+    _add_run_options(p, settings_many=False)
     p.set_defaults(func=cmd_train)
 
-    def add_where_options(p):
-        p.add_argument("--workers", type=int, default=0, help="training processes (0: automatic)")
-        p.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                       help="train on the Dask cluster at this address (tcp://host:8786) instead; needs "
-                            "pip install -e '.[cluster]', and the runs folder and data at the same paths there")
-
     p = sub.add_parser("grid", help="settings x seeds: mean +- std beside the paper's numbers")
-    add_run_options(p, settings_many=True)
-    add_where_options(p)
+    _add_run_options(p, settings_many=True)
+    _add_where_options(p)
     p.set_defaults(func=cmd_grid)
+
+
+def _add_transfer_command(sub) -> None:
+    """`transfer`: kt's consistency targets against language+vision and a placebo (notebook 4, part 4)."""
+    from .config import PROFILES
 
     p = sub.add_parser("transfer", help="when reconstruction helps: kt's targets vs language+vision and a placebo "
                                         "in the simulator's cells (notebook 4, part 4)")
@@ -311,11 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controls", default="lambda=0,matched,audio_shared=0,train_scale=0.5",
                    help="controls, with the main kt variant (empty for none)")
     p.add_argument("--control-regime", default="default", help="the regime the controls vary (default: default)")
-    add_where_options(p)
+    _add_where_options(p)
     p.add_argument("--runs-dir", default=None, help="run store (default runs/, or $KTLIB_RUNS_DIR)")
     p.add_argument("--out", default=None, help="also write the tidy table of every run to this CSV file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_transfer, dataset="mosi", source="simulated", data_path=None)
+
+
+def _add_store_commands(sub) -> None:
+    """`table` (what the store holds) and `reproduce` (every notebook, in order)."""
+    from .config import PROFILES
 
     p = sub.add_parser("table", help="summarise every finished run in the store, one row per configuration")
     p.add_argument("--runs-dir", default=None, help="run store (default runs/, or $KTLIB_RUNS_DIR)")
@@ -329,6 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cell-timeout", type=int, default=3600,
                    help="seconds one notebook cell may run before the run stops with an error (default 3600)")
     p.set_defaults(func=cmd_reproduce)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ktlib", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_data_commands, _add_training_commands, _add_transfer_command, _add_store_commands):
+        add(sub)
     return parser
 
 
