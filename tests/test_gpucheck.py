@@ -13,7 +13,9 @@ from ktlib.runs import default_workers
 @pytest.fixture(scope="module")
 def dry_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpucheck") / "report.json"
-    assert gpucheck.main(["--dry", "--out", str(out)]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # the simulation goes to a private cache, not the project's data/sim
+        mp.setenv("KTLIB_DATA_DIR", str(tmp_path_factory.mktemp("gpucheck-data")))
+        assert gpucheck.main(["--dry", "--out", str(out)]) == 0
     return json.loads(out.read_text())
 
 
