@@ -76,8 +76,9 @@ def synthetic_batch(cfg, batch_size: int, seed: int = 0):
     return batch
 
 
-def _time(step, steps: int, warmup: int, device) -> tuple[list[float], float]:
+def _time(step, steps: int, warmup: int, device, ready=None) -> tuple[list[float], float]:
     """Seconds of each of ``steps`` calls of ``step`` after ``warmup`` untimed ones, and the peak memory (MB).
+    ``ready()``, if given, is called between the warm-up and the timed calls (e.g. to wait for other processes).
 
     CUDA: synchronised before every clock reading, peak ``max_memory_allocated``; CPU: growth of the process's
     peak resident set from just before the first call.
@@ -94,6 +95,8 @@ def _time(step, steps: int, warmup: int, device) -> tuple[list[float], float]:
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    if ready is not None:
+        ready()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()

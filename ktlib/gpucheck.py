@@ -76,23 +76,18 @@ def _probe_worker(case: str, steps: int, warmup: int, device: str, barrier, queu
     """One of ``k`` processes: warm up, wait for the others, time ``steps`` training steps together."""
     import torch
 
-    from .bench import kt_step
+    from .bench import _time, kt_step
 
     torch.set_num_threads(1)
     step, dev = kt_step(case, device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        step()
-    sync()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    barrier.wait()
-    t0 = time.time()
-    for _ in range(steps):
-        step()
-    sync()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")
-    queue.put({"start": t0, "end": time.time(), "peak_mb": peak})
+    started = []
+
+    def ready():
+        barrier.wait()
+        started.append(time.time())
+
+    _, peak = _time(step, steps, warmup, dev, ready=ready)
+    queue.put({"start": started[0], "end": time.time(), "peak_mb": peak})
 
 
 def runs_per_device(case: str, ks, steps: int, warmup: int, device: str) -> list[dict]:
