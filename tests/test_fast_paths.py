@@ -18,6 +18,7 @@ from ktlib.layers import (
     AttentionMask,
     Dropout,
     ExplicitAttention,
+    attend,
     causal_mask,
     causal_mask_from_padding,
     dropout,
@@ -172,6 +173,29 @@ def test_explicit_attention_equals_the_fused_kernel_and_dropout_of_the_weights()
     assert torch.allclose(ExplicitAttention.apply(q, k, v, bias, keep, dk ** -0.5), (weights * keep) @ v, atol=1e-6)
 
 
+def test_explicit_attention_in_blocks_of_samples_gives_the_same_bits(monkeypatch):
+    """Blocks of samples change where the temporaries live, not the arithmetic: outputs and gradients are bitwise
+    those of one block, for a per-sample and a shared bias, with and without dropout of the weights."""
+    torch.manual_seed(0)
+    b, h, t, s, dk = 5, 2, 6, 9, 4
+    q, k, v = (torch.randn(b, h, n, dk, requires_grad=True) for n in (t, s, s))
+    grad = torch.randn(b, h, t, dk)
+    for bias_samples in (b, 1):
+        bias = torch.zeros(bias_samples, 1, t, s).masked_fill(torch.rand(bias_samples, 1, t, s) < 0.3, float("-inf"))
+        bias[..., -1] = 0.0
+        for keep in (None, dropout_mask((b, h, t, s), 0.3)):
+            results = []
+            for block in (b * h * t * s, 2 * h * t * s):  # one block; blocks of 2, 2 and 1 samples
+                monkeypatch.setattr(layers_module, "BLOCK_SCORES", block)
+                assert len(layers_module._sample_blocks(b, h * t * s)) == (1 if block > 2 * h * t * s else 3)
+                for x in (q, k, v):
+                    x.grad = None
+                out = ExplicitAttention.apply(q, k, v, bias, keep, dk ** -0.5)
+                out.backward(grad)
+                results.append([out.detach().clone()] + [x.grad.clone() for x in (q, k, v)])
+            assert all(torch.equal(one, blocks) for one, blocks in zip(*results, strict=True))
+
+
 def test_fused_and_explicit_cpu_paths_agree(monkeypatch):
     torch.manual_seed(0)
     att = CrossModalAttention(8, 2).eval()
@@ -195,7 +219,8 @@ def test_real_first_causal_mask_is_the_front_padded_one_moved():
     pad = front_padding(lengths, t)
     real = (~pad).sum(1, keepdim=True)
     moved = AttentionMask.causal_real_first(real, t, chunk=3)
-    expected = causal_mask_from_padding(pad, pad) | pad[:, None, :]  # (B, T, T) in front-padded order
+    # (B, T, T) in front-padded order: padding keys are blocked, and so are padding rows (they get zeros)
+    expected = causal_mask_from_padding(pad, pad) | pad[:, None, :] | pad[:, :, None]
     order = (torch.arange(t)[None, :] + t - real) % t  # moved position -> front-padded position
     for i, n in enumerate(lengths):
         back = expected[i][order[i]][:, order[i]]  # rows and columns in the moved order
@@ -212,13 +237,40 @@ def test_long_causal_self_attention_equals_the_plain_stack(monkeypatch, training
     x = torch.randn(4, 12, 8, requires_grad=True)
     pad = front_padding([12, 5, 1, 0], 12)
     monkeypatch.setattr(layers_module, "CAUSAL_CHUNK", 4)  # 12 >= 2 * 4: the real-first path
+    real = ~pad
     moved = enc(x, x_mask=pad)[0]
-    grad_moved = torch.autograd.grad(moved.square().sum(), x)[0]
+    grad_moved = torch.autograd.grad(moved[real].square().sum(), x)[0]
     monkeypatch.setattr(layers_module, "CAUSAL_CHUNK", 100)  # the plain path
     plain = enc(x, x_mask=pad)[0]
-    grad_plain = torch.autograd.grad(plain.square().sum(), x)[0]
-    assert torch.allclose(moved, plain, atol=1e-6)
+    grad_plain = torch.autograd.grad(plain[real].square().sum(), x)[0]
+    # the real frames: padding rows differ (zero attention there, attention over the real keys in the plain path),
+    # and no real frame reads them
+    assert torch.allclose(moved[real], plain[real], atol=1e-6)
     assert torch.allclose(grad_moved, grad_plain, atol=1e-5)
+    assert torch.equal(grad_moved[pad], torch.zeros_like(grad_moved[pad]))
+
+
+def test_causal_chunks_leave_out_samples_without_real_rows_and_change_nothing():
+    """A chunk of rows computes only the samples with a real row in it; the rows left out are zero, as the full
+    mask makes them (a padding row sees no key)."""
+    torch.manual_seed(0)
+    t, lengths = 12, [12, 5, 1, 0, 9]
+    n_real = torch.tensor(lengths)[:, None]
+    q, k, v = (torch.randn(5, 2, t, 4, requires_grad=True) for _ in range(3))
+    chunked = AttentionMask.causal_real_first(n_real, t, chunk=4)  # chunks [0,4) [4,8) [8,12): 4, 3, 2 samples live
+    whole = AttentionMask(chunked.blocked)  # the same mask, one fused call over every row and sample
+    grad = torch.randn(5, 2, t, 4)
+    results = []
+    for mask in (chunked, whole):
+        for x in (q, k, v):
+            x.grad = None
+        out = attend(q, k, v, mask, 0.0)[0]
+        out.backward(grad)
+        results.append([out.detach().clone()] + [x.grad.clone() for x in (q, k, v)])
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    sample, row = (torch.arange(t)[None, :] >= n_real).nonzero(as_tuple=True)  # every padding row
+    assert torch.equal(results[0][0][sample, :, row], torch.zeros(len(sample), 2, 4))
 
 
 # ---------------------------------------------------------------------------------------------------------
