@@ -181,7 +181,7 @@ class ExplicitAttention(torch.autograd.Function):
     result, not its column count, e.g. ``out^T = v^T weights^T``: MKL is several times slower on results only d_k
     columns wide, and autograd's backward of the plain formula makes three of them.
 
-    Forward and backward run over blocks of samples (:func:`samples_per_block`), so that the score-sized
+    Forward and backward run over blocks of samples (:func:`_sample_blocks`), so that the score-sized
     temporaries of a block (scores, their gradient, the softmax's) stay in the CPU's cache between the several
     passes over them instead of going to memory and back each time; only the weights, kept for the backward pass,
     are written out whole.  Every sample's arithmetic is the same as without blocks.
@@ -211,7 +211,7 @@ class ExplicitAttention(torch.autograd.Function):
     def backward(ctx, grad):  # grad (B, H, T, d_k)
         q, k, v, weights, drop_scale = ctx.saved_tensors
         grad_q, grad_k, grad_v = (torch.empty_like(x) for x in (q, k, v))
-        for rows in _sample_blocks(*weights.shape[:1], weights[0].numel()):
+        for rows in _sample_blocks(weights.shape[0], weights[0].numel()):
             w, g = weights[rows], grad[rows]
             dropped_w = w if drop_scale is None else w * drop_scale[rows]
             grad_v[rows] = (g.transpose(-2, -1) @ dropped_w).transpose(-2, -1)  # (d_k, T) @ (T, S)
@@ -231,14 +231,10 @@ class ExplicitAttention(torch.autograd.Function):
 BLOCK_SCORES = 1024 * 1024
 
 
-def samples_per_block(b: int, per_sample: int) -> int:
-    """Samples per block of :class:`ExplicitAttention` with ``per_sample`` score elements each (at least one)."""
-    return max(1, min(b, BLOCK_SCORES // max(per_sample, 1)))
-
-
 def _sample_blocks(b: int, per_sample: int) -> list[slice]:
-    """Slices of a batch of ``b`` samples with ``per_sample`` score elements each, one per block."""
-    step = samples_per_block(b, per_sample)
+    """Slices of a batch of ``b`` samples with ``per_sample`` score elements each: blocks of up to
+    ``BLOCK_SCORES`` elements (at least one sample each)."""
+    step = max(1, BLOCK_SCORES // max(per_sample, 1))
     return [slice(a, min(a + step, b)) for a in range(0, b, step)]
 
 
@@ -295,8 +291,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
 def _causal_chunk(q, k, v, bias, n_real, a: int, b: int, p: float) -> torch.Tensor:
     """Rows [a, b) of :func:`attend` under :meth:`AttentionMask.causal_real_first`: keys [0, b) only, and only
     the samples with a real row from a on; the others' rows see no key and get zeros.  (B, H, b - a, d_k)."""
-    live = None if n_real is None else (n_real[:, 0] > a).nonzero()[:, 0]
-    if live is None or live.numel() == q.shape[0]:
+    live = (n_real[:, 0] > a).nonzero()[:, 0]  # samples with a real row in [a, b)
+    if live.numel() == q.shape[0]:
         return F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b], attn_mask=bias[..., a:b, :b],
                                               dropout_p=p)
     out = q.new_zeros(q.shape[0], q.shape[1], b - a, q.shape[3])

@@ -44,7 +44,7 @@ from .data import MultimodalData, atomic_write, from_recipe, project_root
 from .model import KTModel, ModelConfig
 from .pool import JobsFailed, in_pool, one_job
 from .specs import LAYOUTS
-from .stats import fmt_mean_std, seed_table
+from .stats import fmt_mean_std, seed_table, seeds_caption
 from .train import FitResult, TrainConfig, fit, pick_device
 
 _REFERENCE = Path(__file__).with_name("reference")
@@ -592,8 +592,6 @@ def compare_with_paper(summary: pd.DataFrame, split: str = "test") -> pd.DataFra
                                            3 if factor == 1 else 1)
             row[f"{column} (paper)"] = paper[column].iloc[0] if len(paper) else np.nan
         rows.append(row)
-    from .stats import seeds_caption
-
     table = pd.DataFrame(rows)
     table.columns.name = seeds_caption(table.get("seeds", ()))  # the std convention, in the header
     return table
