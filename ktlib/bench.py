@@ -6,7 +6,13 @@ batches, in three cases (``STEPS``):
 
 - ``quick``:            the ``quick`` profile (d=16, one layer per stack), word-aligned shapes, batch 48;
 - ``paper-aligned``:    the paper's MOSI configuration (d=40, 4 layers, 10 heads, every dropout on), aligned, batch 24;
-- ``paper-unaligned``:  the same on unaligned shapes (l, a, v: 50, 375, 500 steps), batch 24.
+- ``paper-unaligned``:  the same on unaligned shapes (l, a, v: 50, 375, 500 steps), batch 24;
+- ``quick-words``:      ``quick`` on a batch shaped like the simulated MOSI utterances that ``make reproduce`` trains
+                        on: word-aligned (one length per sample for every modality), about 12 of 50 steps real.
+
+The first three draw each sequence's length between a third and all of its steps, independently per modality; the
+last draws the simulator's word counts (log-normal durations, median 3.5 s and sigma 0.55, at 3 words per second
+times a uniform 0.8-1.2), so that the padding a training pass leaves out shows in the time.
 
 Each case runs in a fresh process: ms per step is the median of ``--steps`` steps after ``--warmup`` warm-up
 steps; peak memory is CUDA's ``max_memory_allocated`` or, on the CPU, the growth of the process's peak resident set
@@ -32,6 +38,7 @@ run it against another tree's ``ktlib``; only names that ``ktlib`` has had since
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import multiprocessing as mp
 import os
@@ -51,7 +58,9 @@ STEPS = {  # case -> (training profile whose model settings are used, alignment,
     "quick": ("quick", "aligned", 48),
     "paper-aligned": ("paper", "aligned", 24),
     "paper-unaligned": ("paper", "unaligned", 24),
+    "quick-words": ("quick", "aligned", 48),
 }
+WORD_LENGTHS = ("quick-words",)  # cases whose batch has the simulator's word counts (synthetic_batch's ``words``)
 
 
 def _rss_mb() -> float:
@@ -59,15 +68,24 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def synthetic_batch(cfg, batch_size: int, seed: int = 0):
-    """A front-padded batch with the config's shapes (lengths drawn between a third and all of each sequence)."""
+def synthetic_batch(cfg, batch_size: int, seed: int = 0, words: bool = False):
+    """A front-padded batch with the config's shapes: each sequence's length drawn between a third and all of its
+    steps, or with ``words`` (word-aligned shapes) one word count per sample for every modality, drawn as the
+    simulator draws MOSI's (module docstring)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     batch = {}
+    if words:
+        duration = 3.5 * torch.exp(0.55 * torch.randn(batch_size, generator=g))  # seconds
+        rate = 3.0 * (0.8 + 0.4 * torch.rand(batch_size, generator=g))  # words per second
+        n_words = (duration * rate).round().long()
     for m in ("l", "a", "v"):
         t, d = cfg.seq_lens[m], cfg.feature_dims[m]
-        lengths = torch.randint(max(1, t // 3), t + 1, (batch_size,), generator=g)
+        if words:
+            lengths = n_words.clamp(1, t)
+        else:
+            lengths = torch.randint(max(1, t // 3), t + 1, (batch_size,), generator=g)
         pad = torch.arange(t)[None, :] < (t - lengths)[:, None]  # (B, T) front padding
         batch[m] = torch.randn(batch_size, t, d, generator=g).masked_fill(pad[..., None], 0.0)
         batch[f"mask_{m}"] = pad
@@ -138,7 +156,7 @@ def _load_audio_encoder(model, source) -> None:
         load_audio_encoder(model, source)
 
 
-def training_step(model_cfg, train_cfg, batch_size: int, device: str = "auto"):
+def training_step(model_cfg, train_cfg, batch_size: int, device: str = "auto", words: bool = False):
     """``(step, device)``: one call of ``step()`` is ``fit``'s training step (forward, task and consistency losses,
     backward, clipping, the optimiser ``fit`` builds) of a fresh model of ``model_cfg`` on a synthetic batch.
 
@@ -160,11 +178,13 @@ def training_step(model_cfg, train_cfg, batch_size: int, device: str = "auto"):
     # trees before the fused optimiser have no make_optimizer: their fit used plain Adam
     make_optimizer = getattr(train, "make_optimizer", lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr))
     opt = make_optimizer(model, train_cfg.lr)
-    batch = {k: v.to(dev) for k, v in synthetic_batch(model_cfg, batch_size).items()}
+    batch = {k: v.to(dev) for k, v in synthetic_batch(model_cfg, batch_size, words=words).items()}
+    # as fit calls it; trees before skip_padding computed every step
+    skip = {"skip_padding": True} if "skip_padding" in inspect.signature(model.forward).parameters else {}
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out, details = model(batch, return_details=True)
+            out, details = model(batch, return_details=True, **skip)
             loss = train.task_loss(out, batch["y"], model_cfg.task) + model.consistency_term(details)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -189,7 +209,7 @@ def kt_step(case: str, device: str = "auto"):
     profile, alignment, batch_size = STEPS[case]
     prof = _profiles()[profile]
     cfg = _mosi_config(alignment, setting="kt", **{**prof.model, "kt_target": "run"})
-    return training_step(cfg, train.TrainConfig(**prof.train), batch_size, device)
+    return training_step(cfg, train.TrainConfig(**prof.train), batch_size, device, words=case in WORD_LENGTHS)
 
 
 def measure_step(case: str, steps: int = 5, warmup: int = 2, device: str = "auto") -> dict:

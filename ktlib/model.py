@@ -200,19 +200,22 @@ class ModalityProjection(nn.Module):
 class SinusoidalPositions(nn.Module):
     """Fixed position codes: sin on even and cos on odd channels at geometric frequencies, (T,) -> (T, d).
 
-    The codes are computed once per (length, device, dtype) and reused (a plain cache, not a buffer: checkpoints
-    hold no position codes).
+    ``skipped``: leading steps the sequences were cut by (:meth:`KTModel.forward` leaves out steps that are padding
+    everywhere); the codes then start at that position, so every kept step keeps its own code.  The codes are
+    computed once per (length, start, device, dtype) and reused (a plain cache, not a buffer: checkpoints hold no
+    position codes).
     """
 
     def __init__(self, d: int):
         super().__init__()
         self.d = d
+        self.skipped = 0
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def forward(self, length: int, device=None, dtype=torch.float32) -> torch.Tensor:
-        key = (length, torch.device(device or "cpu"), dtype)
+        key = (length, self.skipped, torch.device(device or "cpu"), dtype)
         if key not in self._cache:
-            self._cache[key] = self._codes(length, device).to(dtype)
+            self._cache[key] = self._codes(self.skipped + length, device)[self.skipped:].to(dtype)
         return self._cache[key]  # (T, d)
 
     def _codes(self, length: int, device=None) -> torch.Tensor:
@@ -570,7 +573,58 @@ class KTModel(nn.Module):
         return ({m: present[:, j] for j, m in enumerate(MODALITIES)},
                 {m: allowed[:, j] for j, m in enumerate(MODALITIES)})
 
-    def forward(self, batch: dict[str, torch.Tensor], return_details: bool = False, need_weights: bool = False):
+    def _reads(self) -> list[str]:
+        """Modalities a forward pass reads: every projected one in training, those a test batch may carry else."""
+        reads = MODALITIES if self.training else SETTING_TABLE[self.cfg.setting].reads_at_test
+        return [m for m in MODALITIES if m in self.proj and m in reads]
+
+    def leading_padding(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many leading steps ``forward(..., skip_padding=True)`` leaves out on the CPU: steps that are padding
+        in every sample of every modality the pass reads (at least the last step is kept).
+
+        Nothing reads them: attention never sees a padding key, every other layer acts on each step alone, the
+        prediction reads the last step, and the kept steps keep their position codes (``SinusoidalPositions``'s
+        ``skipped``).  So the pass computes the same function on fewer steps: up to float rounding, and with
+        dropout's random numbers drawn for the shorter tensors.  Zero (nothing left out) unless every modality has
+        one length and f'_A lives on it, fused along features (``kt_concat="time"`` gives delta a second half whose
+        codes continue from the first), and unless the inputs are zero on the steps a projection's kernel reads
+        across the cut.  On CUDA nothing is left out (counting would wait for the device).
+        """
+        reads = self._reads()
+        pads = [batch[f"mask_{m}"] for m in reads]
+        t = pads[0].shape[1]
+        if (pads[0].device.type != "cpu" or any(p.shape[1] != t for p in pads)
+                or (self.kt is not None and (self.cfg.time_axis != "source" or self.cfg.kt_concat != "feature"))):
+            return 0
+        real = ~torch.stack(pads).all(0).all(0)  # (T,) True on steps real in some sample of some modality
+        cut = min(int(real.long().argmax()) if bool(real.any()) else t, t - 1)
+        for m in reads:  # a kernel k reads k // 2 steps left of the first kept one: they must be zeros
+            reach = self.cfg.kernels[m] // 2
+            if cut and reach and bool(batch[m][:, max(cut - reach, 0):cut].any()):
+                return 0
+        return cut
+
+    def forward(self, batch: dict[str, torch.Tensor], return_details: bool = False, need_weights: bool = False,
+                skip_padding: bool = False):
+        """The prediction of a batch (class docstring).  ``skip_padding``: compute it without the leading steps
+        that are padding everywhere (:meth:`leading_padding`; the training loop's passes do), so the details'
+        sequences are that much shorter."""
+        cut = self.leading_padding(batch) if skip_padding and not need_weights else 0
+        if cut == 0:
+            return self._forward(batch, return_details, need_weights)
+        reads = self._reads()
+        batch = {k: (v[:, cut:] if k in reads or k[5:] in reads and k.startswith("mask_") else v)
+                 for k, v in batch.items()}
+        codes = [module for module in self.modules() if isinstance(module, SinusoidalPositions)]
+        for module in codes:
+            module.skipped = cut
+        try:
+            return self._forward(batch, return_details, need_weights)
+        finally:
+            for module in codes:
+                module.skipped = 0
+
+    def _forward(self, batch: dict[str, torch.Tensor], return_details: bool, need_weights: bool):
         present, allowed = self.availability(batch)
         seqs, pads, details = {}, {}, {}
         if self.cfg.setting == "kt":  # the paper: l, v as given, the audio slot holds f'_A

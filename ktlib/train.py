@@ -157,7 +157,7 @@ def evaluate(model: KTModel, loader, device: torch.device, amp: bool = False, pr
             batch = protocol.apply_batch(batch, split)[0]
         batch = _to(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            out = model(batch)
+            out = model(batch, skip_padding=True)
         loss = task_loss(out, batch["y"], model.cfg.task)
         total += loss.item() * len(batch["y"])
         count += len(batch["y"])
@@ -301,13 +301,13 @@ def _checkpoint(run: _Run, path: Path, epoch: int) -> None:
 def _train_step(run: _Run, batch: dict, inputs: dict, train_cfg: TrainConfig, teacher: KTModel | None) -> dict:
     """One optimiser step on ``inputs`` (``batch`` narrowed); the batch's losses (tensors) by name."""
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
-        out, details = run.model(inputs, return_details=True)
+        out, details = run.model(inputs, return_details=True, skip_padding=True)
         task = task_loss(out, inputs["y"], run.model.cfg.task)
         loss, cons = run.model.paper_loss(task, details)
         dist = torch.zeros((), device=run.device)
         if teacher is not None:  # the teacher sees the complete batch
             with torch.no_grad():
-                t_out, t_details = teacher(_to(batch, run.device), return_details=True)
+                t_out, t_details = teacher(_to(batch, run.device), return_details=True, skip_padding=True)
             dist = distillation_loss(out, details["pooled"], t_out, t_details["pooled"], train_cfg)
         loss = loss + dist
     run.opt.zero_grad(set_to_none=True)

@@ -303,3 +303,86 @@ def test_same_seed_gives_the_same_training_step_with_dropout_on():
     loss_c, _ = _one_step(8)
     assert torch.equal(loss_a, loss_b) and torch.equal(params_a, params_b)
     assert not torch.equal(loss_a, loss_c)  # another seed draws other dropout masks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Leaving out the leading steps that are padding in every sample
+
+
+NO_DROPOUT = dict(text_dropout=0.0, embed_dropout=0.0, attn_dropout={"l": 0.0, "a": 0.0, "v": 0.0},
+                  relu_dropout=0.0, res_dropout=0.0, out_dropout=0.0)
+
+
+def _padded_batch(cfg, lengths: dict, t: int = 12, seed: int = 3) -> dict:
+    """A front-padded batch whose padding frames are zeros, as the loader gives them."""
+    g = torch.Generator().manual_seed(seed)
+    batch = {}
+    for m in "lav":
+        pad = front_padding(lengths[m], t)
+        batch[m] = torch.randn(len(lengths[m]), t, cfg.feature_dims[m], generator=g).masked_fill(pad[..., None], 0.0)
+        batch[f"mask_{m}"] = pad
+    batch["y"] = torch.randn(len(lengths["l"]), 1, generator=g)
+    batch["present"] = torch.ones(len(lengths["l"]), 3, dtype=torch.bool)
+    return batch
+
+
+LENGTHS = {"l": [7, 5, 3, 1], "a": [6, 5, 2, 0], "v": [7, 4, 3, 2]}  # at most 7 of 12 real: 5 steps left out
+
+
+@pytest.mark.parametrize("setting", ["kt", "full", "language_vision"])
+def test_skipping_leading_padding_computes_the_same_training_pass(setting):
+    cfg = model_config("mosi", "aligned", setting=setting, d=8, heads=2, layers=1, mem_layers=2, kt_layers=1,
+                       seq_lens={"l": 12, "a": 12, "v": 12}, **NO_DROPOUT)
+    torch.manual_seed(0)
+    model = KTModel(cfg).train()
+    batch = _padded_batch(cfg, LENGTHS)
+    assert model.leading_padding(batch) == 5
+    results = []
+    for skip in (True, False):
+        out, details = model(batch, return_details=True, skip_padding=skip)
+        loss = task_loss(out, batch["y"], cfg.task) + model.consistency_term(details)
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        results.append((out, loss, grads, details))
+    (out_s, loss_s, grads_s, det_s), (out_f, loss_f, grads_f, det_f) = results
+    assert torch.allclose(out_s, out_f, atol=1e-6) and torch.allclose(loss_s, loss_f, atol=1e-6)
+    for g_s, g_f in zip(grads_s, grads_f, strict=True):
+        assert (g_s is None) == (g_f is None)
+        assert g_s is None or torch.allclose(g_s, g_f, atol=1e-6)
+    if setting == "kt":  # the details' sequences are the last 7 steps of the full ones
+        for name in ("f_l", "f_v", "a_from_v", "a_from_l", "f_a_hat", "f_a"):
+            assert det_s[name].shape[1] == 7 and torch.allclose(det_s[name], det_f[name][:, 5:], atol=1e-6), name
+
+
+def test_leading_padding_by_hand():
+    cfg = model_config("mosi", "aligned", setting="kt", d=8, heads=2, layers=1, mem_layers=1, kt_layers=1,
+                       seq_lens={"l": 12, "a": 12, "v": 12})
+    model = KTModel(cfg).train()
+    batch = _padded_batch(cfg, LENGTHS)
+    assert model.leading_padding(batch) == 5
+    # an evaluation pass of kt reads language and vision only: the audio decides nothing (and is not read)
+    model.eval()
+    no_audio = {k: v for k, v in batch.items() if k not in ("a", "mask_a")}
+    assert model.leading_padding(no_audio) == 5
+    with torch.no_grad():
+        assert torch.allclose(model(no_audio, skip_padding=True), model(no_audio), atol=1e-6)
+    model.train()
+    # a vision kernel of 3 reads one step left of the cut: a non-zero input there keeps every step
+    assert cfg.kernels["v"] == 3
+    batch["v"][0, 4] = 1.0
+    assert model.leading_padding(batch) == 0
+    # every step padding: the last one is kept
+    empty = _padded_batch(cfg, {m: [0, 0] for m in "lav"})
+    assert model.leading_padding(empty) == 11
+    # delta over the two halves along time: the second half's position codes would move, so nothing is left out
+    timed = KTModel(model_config("mosi", "aligned", setting="kt", d=8, heads=2, layers=1, mem_layers=1,
+                                 kt_layers=1, seq_lens={"l": 12, "a": 12, "v": 12}, kt_concat="time")).train()
+    assert timed.leading_padding(_padded_batch(cfg, LENGTHS)) == 0
+
+
+def test_position_codes_after_a_cut_are_the_kept_steps_own():
+    pos = SinusoidalPositions(6)
+    whole = pos(10)
+    pos.skipped = 4
+    assert torch.equal(pos(6), whole[4:])
+    pos.skipped = 0
+    assert torch.equal(pos(10), whole)
