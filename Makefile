@@ -24,7 +24,7 @@ help:
 	@echo "make reproduce   run every notebook in order on the built-in (simulated) data (PROFILE=quick|smoke|paper)"
 	@echo "make test        run the test suite"
 	@echo "make browser-test  open each notebook with a widget in JupyterLab in headless Chromium, run it, move the widget"
-	@echo "make bench       ms per training step (quick, paper aligned and unaligned) and peak memory on this device"
+	@echo "make bench       ms per training step (quick, paper aligned and unaligned, quick on word counts) and peak memory on this device"
 	@echo "make gpu-check   on a GPU machine, once: CUDA tests, step times, runs per device, Table I timed (about 8 min)"
 	@echo "make lab         open JupyterLab with the project's kernel"
 	@echo "make lint        ruff on code and notebooks"

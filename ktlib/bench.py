@@ -1,8 +1,8 @@
 """Benchmark: time and peak memory of a training step, on CUDA when present and on the CPU otherwise.
 
 ``python -m ktlib.bench`` (``make bench``) times the training step of :func:`ktlib.train.fit` (forward pass, task and
-consistency losses, backward pass, gradient clipping, optimiser step) of a ``kt`` model on synthetic MOSI-shaped
-batches, in three cases (``STEPS``):
+consistency losses, backward pass, gradient clipping, optimiser step; ``skip_padding`` on, as ``fit`` calls the
+model) of a ``kt`` model on synthetic MOSI-shaped batches, in four cases (``STEPS``):
 
 - ``quick``:            the ``quick`` profile (d=16, one layer per stack), word-aligned shapes, batch 48;
 - ``paper-aligned``:    the paper's MOSI configuration (d=40, 4 layers, 10 heads, every dropout on), aligned, batch 24;

@@ -22,6 +22,17 @@ def test_synthetic_batch_is_front_padded_with_the_config_shapes():
         assert (pad.int().diff(dim=1) <= 0).all()  # at the front
 
 
+def test_word_count_batch_has_one_short_length_per_sample():
+    cfg = model_config("mosi", "aligned")
+    batch = synthetic_batch(cfg, 200, words=True)
+    pads = [batch[f"mask_{m}"] for m in ("l", "a", "v")]
+    assert pads[0].equal(pads[1]) and pads[0].equal(pads[2])  # word-aligned: every modality has the sample's length
+    real = (~pads[0]).sum(1).float()
+    assert real.min() >= 1 and real.max() <= cfg.seq_lens["l"]
+    assert 9 < real.mean() < 16  # the simulator's MOSI: 3.5 s median at about 3 words per second
+    assert pads[0].equal(~(batch["l"] != 0).any(-1))  # padding is exactly the all-zero frames
+
+
 def test_benchmark_prints_times_memory_and_the_ratio_to_reference(capsys):
     assert main(["--table", "--alignments", "aligned", "--settings", "language_only", "--variants", "reference",
                  "fused", "--steps", "1", "--batch-size", "4", "--device", "cpu"]) == 0
