@@ -574,7 +574,7 @@ class KTModel(nn.Module):
                 {m: allowed[:, j] for j, m in enumerate(MODALITIES)})
 
     def _reads(self) -> list[str]:
-        """Modalities a forward pass reads: every projected one in training, those a test batch may carry else."""
+        """Modalities a forward pass reads: in training every projected one, else those a test batch may carry."""
         reads = MODALITIES if self.training else SETTING_TABLE[self.cfg.setting].reads_at_test
         return [m for m in MODALITIES if m in self.proj and m in reads]
 
@@ -612,9 +612,8 @@ class KTModel(nn.Module):
         cut = self.leading_padding(batch) if skip_padding and not need_weights else 0
         if cut == 0:
             return self._forward(batch, return_details, need_weights)
-        reads = self._reads()
-        batch = {k: (v[:, cut:] if k in reads or k[5:] in reads and k.startswith("mask_") else v)
-                 for k, v in batch.items()}
+        steps = {key for m in self._reads() for key in (m, f"mask_{m}")}  # the sequences the pass reads
+        batch = {k: (v[:, cut:] if k in steps else v) for k, v in batch.items()}
         codes = [module for module in self.modules() if isinstance(module, SinusoidalPositions)]
         for module in codes:
             module.skipped = cut
