@@ -201,24 +201,29 @@ class ExplicitAttention(torch.autograd.Function):
                 weights = scores.softmax(-1)
             else:
                 weights[rows] = scores.softmax(-1)
-            dropped_w = weights[rows] if drop_scale is None else weights[rows] * drop_scale[rows]
-            torch.matmul(v[rows].transpose(-2, -1), dropped_w.transpose(-2, -1), out=out_t[rows])  # (d_k,S)@(S,T)
-        ctx.save_for_backward(q, k, v, weights, drop_scale)
+            if drop_scale is None:
+                dropped = weights
+            elif len(blocks) == 1:
+                dropped = weights * drop_scale
+            else:  # kept whole for the backward pass, as the weights are
+                dropped = q.new_empty(weights.shape) if rows.start == 0 else dropped
+                torch.mul(weights[rows], drop_scale[rows], out=dropped[rows])
+            torch.matmul(v[rows].transpose(-2, -1), dropped[rows].transpose(-2, -1), out=out_t[rows])  # (d_k,S)@(S,T)
+        ctx.save_for_backward(q, k, v, weights, dropped)  # the dropped weights, not the mask: one pass fewer later
         ctx.scale = scale
         return out_t.transpose(-2, -1)  # (B, H, T, d_k)
 
     @staticmethod
     def backward(ctx, grad):  # grad (B, H, T, d_k)
-        q, k, v, weights, drop_scale = ctx.saved_tensors
+        q, k, v, weights, dropped = ctx.saved_tensors
         grad_q, grad_k, grad_v = (torch.empty_like(x) for x in (q, k, v))
         for rows in _sample_blocks(weights.shape[0], weights[0].numel()):
-            w, g = weights[rows], grad[rows]
-            dropped_w = w if drop_scale is None else w * drop_scale[rows]
+            w, dropped_w, g = weights[rows], dropped[rows], grad[rows]
             grad_v[rows] = (g.transpose(-2, -1) @ dropped_w).transpose(-2, -1)  # (d_k, T) @ (T, S)
-            grad_w = g @ v[rows].transpose(-2, -1)  # (b', H, T, S)
-            if drop_scale is not None:
-                grad_w *= drop_scale[rows]
-            grad_s = w * (grad_w - (grad_w * w).sum(-1, keepdim=True))  # through the softmax
+            # through the dropout and the softmax: the gradient of the scores is w * (grad_w - sum(grad_w * w)) with
+            # grad_w = (g v^T) * drop_scale, i.e. u - w * sum(u) with u = (g v^T) * dropped_w: two passes, not five
+            grad_s = (g @ v[rows].transpose(-2, -1)).mul_(dropped_w)  # (b', H, T, S)
+            grad_s.addcmul_(w, grad_s.sum(-1, keepdim=True), value=-1.0)
             grad_q[rows] = (k[rows].transpose(-2, -1) @ grad_s.transpose(-2, -1)).transpose(-2, -1) * ctx.scale
             grad_k[rows] = (q[rows].transpose(-2, -1) @ grad_s).transpose(-2, -1) * ctx.scale  # (d_k, T) @ (T, S)
         return grad_q, grad_k, grad_v, None, None, None
