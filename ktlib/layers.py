@@ -183,8 +183,10 @@ class ExplicitAttention(torch.autograd.Function):
 
     Forward and backward run over blocks of samples (:func:`_sample_blocks`), so that the score-sized
     temporaries of a block (scores, their gradient, the softmax's) stay in the CPU's cache between the several
-    passes over them instead of going to memory and back each time; only the weights, kept for the backward pass,
-    are written out whole.  Every sample's arithmetic is the same as without blocks.
+    passes over them instead of going to memory and back each time; only the weights and the dropped weights, kept
+    for the backward pass, are written out whole.  Every sample's arithmetic is the same as without blocks.  The
+    backward pass goes through dropout and softmax in two passes over the scores: ``u - w * sum(u)`` with ``u`` the
+    gradient of the dropped weights times the dropped weights.
     """
 
     @staticmethod
