@@ -194,6 +194,7 @@ class ExplicitAttention(torch.autograd.Function):
         b, heads, t, d_k = q.shape
         blocks = _sample_blocks(b, heads * t * k.shape[2])
         weights = None if len(blocks) == 1 else q.new_empty(b, heads, t, k.shape[2])  # (B, H, T, S), for backward
+        dropped = None if drop_scale is None or len(blocks) == 1 else torch.empty_like(drop_scale)  # likewise
         out_t = q.new_empty(b, heads, d_k, t)
         for rows in blocks:
             scores = (q[rows] * scale) @ k[rows].transpose(-2, -1)  # (b', H, T, S)
@@ -204,14 +205,14 @@ class ExplicitAttention(torch.autograd.Function):
             else:
                 weights[rows] = scores.softmax(-1)
             if drop_scale is None:
-                dropped = weights
-            elif len(blocks) == 1:
-                dropped = weights * drop_scale
-            else:  # kept whole for the backward pass, as the weights are
-                dropped = q.new_empty(weights.shape) if rows.start == 0 else dropped
-                torch.mul(weights[rows], drop_scale[rows], out=dropped[rows])
-            torch.matmul(v[rows].transpose(-2, -1), dropped[rows].transpose(-2, -1), out=out_t[rows])  # (d_k,S)@(S,T)
-        ctx.save_for_backward(q, k, v, weights, dropped)  # the dropped weights, not the mask: one pass fewer later
+                dropped_w = weights[rows]
+            elif dropped is None:  # one block: the product is the whole dropped weights tensor
+                dropped = dropped_w = weights * drop_scale
+            else:
+                dropped_w = torch.mul(weights[rows], drop_scale[rows], out=dropped[rows])
+            torch.matmul(v[rows].transpose(-2, -1), dropped_w.transpose(-2, -1), out=out_t[rows])  # (d_k,S)@(S,T)
+        # the dropped weights, not the mask: the backward pass need not multiply them again
+        ctx.save_for_backward(q, k, v, weights, weights if drop_scale is None else dropped)
         ctx.scale = scale
         return out_t.transpose(-2, -1)  # (B, H, T, d_k)
 
