@@ -41,7 +41,7 @@ from . import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import PROFILES, profile
 from .data import MultimodalData, atomic_write, from_recipe, project_root
-from .model import KTModel, ModelConfig
+from .model import SETTING_TABLE, KTModel, ModelConfig
 from .pool import JobsFailed, in_pool, one_job
 from .specs import LAYOUTS
 from .stats import fmt_mean_std, seed_table, seeds_caption
@@ -471,17 +471,45 @@ def train_pending(jobs: list[Job], runs_dir: str | Path | None = None, force: bo
             todo[rid] = job
     workers = default_workers() if workers is None else workers
     warn_if_long(list(todo.values()), workers, scheduler)
-
-    def finished(rid: str) -> bool:
-        return (folder / rid / "metrics.json").exists()
-
-    ready = {rid for rid, j in todo.items() if all(finished(n) for n in (j.train.teacher, j.train.target_run) if n)}
-    failures = []
-    for first in (True, False):  # then the jobs (students, kt) whose needed runs train in the first round
-        round_jobs = [j for rid, j in todo.items() if (rid in ready) == first]
-        failures += _train_round(round_jobs, folder, progress, workers, scheduler)
+    failures = _train_all(todo, folder, progress, workers, scheduler)
     if failures:
         raise JobsFailed(failures) from failures[0][1]
+
+
+def _work(job: Job) -> int:
+    """A rough measure of a job's training time, to start the long ones first: transformer stacks (cross-modal
+    pairs and memories of the modalities it fuses, three per rebuilt modality) times epochs."""
+    setting = SETTING_TABLE[job.model.setting]
+    fused = len(setting.fuses)
+    return (fused * fused + 3 * len(setting.reconstructs)) * job.train.epochs
+
+
+def _train_all(todo: dict[str, Job], folder: Path, progress: bool, workers: int,
+               scheduler: str | None) -> list[tuple[str, BaseException]]:
+    """Train ``todo`` (run id -> job): those whose data can travel as a recipe in worker processes or on the
+    cluster, in one pool where each job starts once the runs it needs (teacher, kt's target run) are finished,
+    the runs others need and then the longest first; the others (e.g. data built in memory) in this process, the
+    needed runs first.  Returns the failures, each named by :func:`job_name`."""
+    needed = {n for j in todo.values() for n in (j.train.teacher, j.train.target_run) if n}
+    # stable: among equals, the order the jobs came in (the runs a job needs first)
+    ordered = sorted(todo, key=lambda rid: (rid not in needed, -_work(todo[rid])))
+    sent = [rid for rid in ordered if todo[rid].data.path is not None]
+    at = {rid: i for i, rid in enumerate(sent)}
+    args = [(todo[rid].data.recipe(), todo[rid].model.to_dict(), asdict(todo[rid].train), str(folder))
+            for rid in sent]
+    after = [[at[n] for n in (todo[rid].train.teacher, todo[rid].train.target_run) if n in at] for rid in sent]
+    failures = []
+    try:
+        taken = in_pool(_train_job, args, workers, "runs", progress, scheduler, [job_name(todo[r]) for r in sent],
+                        after)
+    except JobsFailed as err:
+        taken, failures = True, err.failures
+    for job in [todo[r] for r in todo if todo[r].data.path is None] if taken else todo.values():
+        try:
+            load_or_train(job.model, job.train, job.data, folder, progress=progress)
+        except Exception as err:  # noqa: BLE001 - reported with the run's name once every job has run
+            failures.append((job_name(job), err))
+    return failures
 
 
 def job_name(job: Job) -> str:
@@ -489,25 +517,6 @@ def job_name(job: Job) -> str:
     config = {"model": job.model.to_dict(), "train": asdict(job.train), "data": data_descriptor(job.data)}
     return (f"run {run_id(job.model, job.train, job.data)} ({job.model.setting}, variant {job.variant!r}, "
             f"seed {job.train.seed}; {config_label(config)})")
-
-
-def _train_round(jobs: list[Job], folder: Path, progress: bool, workers: int,
-                 scheduler: str | None) -> list[tuple[str, BaseException]]:
-    """Train ``jobs``: those whose data can travel as a recipe in worker processes or on the cluster, the others
-    (e.g. data built in memory) in this process.  Returns the failures, each named by :func:`job_name`."""
-    sent = [job for job in jobs if job.data.path is not None]
-    args = [(job.data.recipe(), job.model.to_dict(), asdict(job.train), str(folder)) for job in sent]
-    failures = []
-    try:
-        taken = in_pool(_train_job, args, workers, "runs", progress, scheduler, [job_name(j) for j in sent])
-    except JobsFailed as err:
-        taken, failures = True, err.failures
-    for job in [j for j in jobs if j.data.path is None] if taken else jobs:
-        try:
-            load_or_train(job.model, job.train, job.data, folder, progress=progress)
-        except Exception as err:  # noqa: BLE001 - reported with the run's name once every job has run
-            failures.append((job_name(job), err))
-    return failures
 
 
 def read_jobs(jobs: list[Job], runs_dir: str | Path | None = None) -> pd.DataFrame:

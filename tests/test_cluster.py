@@ -22,7 +22,7 @@ from ktlib.pool import JobsFailed
 from ktlib.runs import Run, grid, plan, run_id, train_pending
 from ktlib.train import KILL_HOOK
 
-SETTINGS, SEEDS = ["full", "kt"], [1, 2]  # kt's target is the full run of its seed: a grid of two rounds
+SETTINGS, SEEDS = ["full", "kt"], [1, 2]  # kt's target is the full run of its seed: each kt run waits for one
 
 
 def _smoke_grid(data, runs_dir, **where) -> pd.DataFrame:
