@@ -1,9 +1,10 @@
 """Where a list of jobs runs: spawned processes on this machine (the default) or a Dask cluster.
 
-:func:`in_pool` calls ``fn((*arg, threads))`` for every arg and shows a progress bar over the finished jobs.  Every
-job runs even when some fail; then :class:`JobsFailed` names each failed job and its error.  A job must be safe to
-run again (the run store's are: a finished run is read back, an unfinished one resumes from its checkpoint),
-because a job whose worker dies is given to another one:
+:func:`in_pool` calls ``fn((*arg, threads))`` for every arg and shows a progress bar over the finished jobs.  A job
+may need others (``after``): it starts as soon as they have finished, in the same pool.  Every job runs even when
+some fail (but not one whose needed job failed); then :class:`JobsFailed` names each failed job and its error.  A
+job must be safe to run again (the run store's are: a finished run is read back, an unfinished one resumes from its
+checkpoint), because a job whose worker dies is given to another one:
 
 - local processes: a worker that dies (killed, out of memory) breaks the whole pool, so the jobs not finished yet
   go to a fresh pool, up to :data:`RETRIES` times;
@@ -184,8 +185,8 @@ def _on_processes(fn, args: list[tuple], workers: int, order: _Order):
                     return fut
 
             # as many started as there are workers, so that a job that becomes ready goes next, not to the back
-            # of a queue; a worker that dies breaks the pool: the jobs not finished (maybe not the culprit's
-            # only) go to a fresh pool, up to RETRIES times
+            # of a queue; a worker that dies breaks the pool: the jobs not finished (the one that died among them,
+            # maybe others) go to a fresh pool, up to RETRIES times
             yield from _drive(order, submit, lambda fs: wait(fs, return_when=FIRST_COMPLETED)[0], workers,
                               lambda err, last=attempt == RETRIES: isinstance(err, BrokenProcessPool) and not last)
         if not order.busy():
