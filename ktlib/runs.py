@@ -476,6 +476,11 @@ def train_pending(jobs: list[Job], runs_dir: str | Path | None = None, force: bo
         raise JobsFailed(failures) from failures[0][1]
 
 
+def _needed_runs(job: Job) -> list[str]:
+    """The run ids whose finished runs ``job`` reads: its teacher and kt's target run."""
+    return [n for n in (job.train.teacher, job.train.target_run) if n]
+
+
 def _work(job: Job) -> int:
     """A rough measure of a job's training time, to start the long ones first: transformer stacks (cross-modal
     pairs and memories of the modalities it fuses, three per rebuilt modality) times epochs."""
@@ -490,21 +495,21 @@ def _train_all(todo: dict[str, Job], folder: Path, progress: bool, workers: int,
     cluster, in one pool where each job starts once the runs it needs (teacher, kt's target run) are finished,
     the runs others need and then the longest first; the others (e.g. data built in memory) in this process, the
     needed runs first.  Returns the failures, each named by :func:`job_name`."""
-    needed = {n for j in todo.values() for n in (j.train.teacher, j.train.target_run) if n}
+    needed = {n for j in todo.values() for n in _needed_runs(j)}
     # stable: among equals, the order the jobs came in (the runs a job needs first)
     ordered = sorted(todo, key=lambda rid: (rid not in needed, -_work(todo[rid])))
     sent = [rid for rid in ordered if todo[rid].data.path is not None]
     at = {rid: i for i, rid in enumerate(sent)}
     args = [(todo[rid].data.recipe(), todo[rid].model.to_dict(), asdict(todo[rid].train), str(folder))
             for rid in sent]
-    after = [[at[n] for n in (todo[rid].train.teacher, todo[rid].train.target_run) if n in at] for rid in sent]
+    after = [[at[n] for n in _needed_runs(todo[rid]) if n in at] for rid in sent]
     failures = []
     try:
         taken = in_pool(_train_job, args, workers, "runs", progress, scheduler, [job_name(todo[r]) for r in sent],
                         after)
     except JobsFailed as err:
         taken, failures = True, err.failures
-    for job in [todo[r] for r in todo if todo[r].data.path is None] if taken else todo.values():
+    for job in [todo[r] for r in ordered if not taken or todo[r].data.path is None]:
         try:
             load_or_train(job.model, job.train, job.data, folder, progress=progress)
         except Exception as err:  # noqa: BLE001 - reported with the run's name once every job has run
