@@ -65,7 +65,9 @@ bench: $(STAMP)
 	$(PY) -m ktlib.bench
 
 # On a machine with a GPU (install a CUDA torch first: TORCH_SPEC="torch==2.13.0 --index-url ..."); the figures
-# also go to runs/gpu-check.json.  GPU_CHECK_ARGS=--dry exercises it on the CPU at toy sizes.
+# also go to runs/gpu-check.json, rewritten after each part.  GPU_CHECK_ARGS=--dry exercises it on the CPU at toy
+# sizes.  Where python3 already has a CUDA torch and there is no network: make gpu-check PY=python3 STAMP=
+# (the check needs torch, numpy, pandas, tqdm, filelock and pytest only).
 gpu-check: $(STAMP)
 	$(PY) -m ktlib.gpucheck --out runs/gpu-check.json $(GPU_CHECK_ARGS)
 

@@ -1,7 +1,8 @@
 """``make gpu-check``: the workbook's GPU path checked and measured once, in about 8 minutes on one H100/H200.
 
 ``python -m ktlib.gpucheck`` runs four parts and prints each figure as it comes; ``--out FILE`` also writes them
-all as JSON:
+as JSON, rewritten after every part (``"complete": false`` until the last one is done), so that a check cut short
+by a machine's time limit keeps the parts it finished:
 
 1. the CUDA tests (``tests/test_cuda.py``: every setting's forward on CUDA equals the CPU's; a run trained on CUDA
    reads back on the CPU);
@@ -15,6 +16,10 @@ all as JSON:
 
 ``--dry`` runs the same four parts on the CPU at toy sizes (``smoke`` profile, one seed, tiny steps) in about a
 minute, so that a test keeps the script from rotting on machines without a GPU.
+
+The check needs only torch (a CUDA build), numpy, pandas, tqdm, filelock and pytest, not the notebook packages: on
+a machine without network whose ``python3`` already has them, ``make gpu-check PY=python3 STAMP=`` runs it without
+setting up ``.venv``.
 """
 
 from __future__ import annotations
@@ -155,6 +160,17 @@ def table_one(profile: str, seeds, scale: float, workers: int, budget: float, de
             "data_s": data_s, "workers": workers, "profile": profile, "seeds": list(seeds), "scale": scale}
 
 
+def save(report: dict, out: Path | None) -> None:
+    """Write ``report`` to ``out`` as JSON (nothing without ``out``), through a temporary file, so that a check
+    stopped while writing leaves the previous report whole."""
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str))
+    os.replace(tmp, out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ktlib.gpucheck", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,6 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs-dir", type=Path, default=None, help="run store for part 4 (default: a fresh "
                         "temporary folder, so that nothing is read back instead of trained)")
     args = parser.parse_args(argv)
+    if args.budget is not None and args.budget <= 0:
+        parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
 
     import torch
 
@@ -172,24 +190,32 @@ def main(argv=None) -> int:
     p = DRY if args.dry else FULL
     device = "cpu" if args.dry else "cuda"
     budget = args.budget or p["budget"]
-    report = {"device": device_info(args.dry)}
+    report = {"device": device_info(args.dry), "complete": False}
     say(f"gpu-check on {report['device']['device']}, torch {report['device']['torch']}"
         + (" (dry: CPU, toy sizes; the figures mean nothing)" if args.dry else ""))
+    started = time.perf_counter()
+
+    def done(part: str) -> None:  # each part's figures reach --out as soon as the part is over
+        report.setdefault("elapsed_s", {})[part] = time.perf_counter() - started
+        save(report, args.out)
 
     say("1. CUDA tests")
     report["tests"] = cuda_tests()
     say(f"  {report['tests']['summary']} ({report['tests']['seconds']:.0f} s)")
+    done("tests")
 
     say("2. training steps (make bench)")
     report["bench"] = bench_steps(p["bench_cases"], p["steps"], p["warmup"], device)
     for r in report["bench"]:
         say(f"  {r['case']:16s} {r['ms']:8.1f} ms/step   peak {r['peak_mb']:8.1f} MB")
+    done("bench")
 
     say(f"3. runs per device ({p['case']} kt step, {p['probe_steps']} steps each)")
     report["per_device"] = runs_per_device(p["case"], p["per_device"], p["probe_steps"], p["warmup"], device)
     best = max(report["per_device"], key=lambda r: r["steps_per_s"])["k"]
     report["best_per_device"] = best
     say(f"  most throughput: {best} per device (KTLIB_RUNS_PER_DEVICE={best})")
+    done("per_device")
 
     say(f"4. Table I, simulated MOSI aligned, {len(TABLE_I)} settings x {len(p['seeds'])} seeds, {p['profile']} "
         f"profile, {best} at a time (budget {budget:.0f} s)")
@@ -199,9 +225,9 @@ def main(argv=None) -> int:
     t = report["table_one"]
     say(f"  simulation {t['data_s']:.0f} s; {t['finished']}/{t['runs']} runs in {t['wall_s']:.0f} s; whole table "
         f"{t['table_s']:.0f} s" + (" (extrapolated from the runs finished)" if t["extrapolated"] else " (measured)"))
+    report["complete"] = True
+    done("table_one")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1, default=str))
         say(f"figures written to {args.out}")
     failed = report["tests"]["returncode"] not in (0, 5)
     return 1 if failed else 0

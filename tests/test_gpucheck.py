@@ -56,3 +56,32 @@ def test_runs_per_device_setting_is_checked(monkeypatch):
     monkeypatch.setenv("KTLIB_RUNS_PER_DEVICE", "zero")
     with pytest.raises(ValueError, match="KTLIB_RUNS_PER_DEVICE must be a whole number"):
         default_workers()
+
+
+def test_a_check_cut_short_keeps_the_parts_it_finished(tmp_path, monkeypatch):
+    """--out is rewritten after every part: when part 3 dies, parts 1 and 2 are on disk, marked incomplete."""
+    monkeypatch.setattr(gpucheck, "cuda_tests", lambda: {"returncode": 0, "summary": "3 passed", "seconds": 1.0})
+    monkeypatch.setattr(gpucheck, "bench_steps", lambda cases, *a: [{"case": c, "ms": 2.0, "peak_mb": 1.0}
+                                                                     for c in cases])
+
+    def probe_dies(*args):
+        raise RuntimeError("probe process killed")
+
+    monkeypatch.setattr(gpucheck, "runs_per_device", probe_dies)
+    out = tmp_path / "report.json"
+    with pytest.raises(RuntimeError, match="probe process killed"):
+        gpucheck.main(["--dry", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["complete"] is False
+    assert report["tests"]["summary"] == "3 passed"
+    assert [b["case"] for b in report["bench"]] == list(gpucheck.DRY["bench_cases"])
+    assert "per_device" not in report and "table_one" not in report
+    assert list(report["elapsed_s"]) == ["tests", "bench"]
+    assert not (tmp_path / "report.json.tmp").exists()
+
+
+@pytest.mark.parametrize("budget", ["0", "-5"])
+def test_a_budget_that_is_not_positive_is_refused(budget, capsys):
+    with pytest.raises(SystemExit) as stop:
+        gpucheck.main(["--dry", "--budget", budget])
+    assert stop.value.code == 2 and "--budget must be a positive number of seconds" in capsys.readouterr().err
