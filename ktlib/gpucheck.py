@@ -177,11 +177,15 @@ def main(argv=None) -> int:
     parser.add_argument("--dry", action="store_true", help="on the CPU at toy sizes (CI): the script, not figures")
     parser.add_argument("--budget", type=float, default=None, help="seconds for part 4 before it extrapolates")
     parser.add_argument("--out", type=Path, default=None, help="also write every figure to this JSON file")
+    parser.add_argument("--per-device", type=int, nargs="+", default=None, metavar="K",
+                        help="process counts part 3 tries (default: 1 2 4 8; --dry: 1 2)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="run store for part 4 (default: a fresh "
                         "temporary folder, so that nothing is read back instead of trained)")
     args = parser.parse_args(argv)
     if args.budget is not None and args.budget <= 0:
         parser.error(f"--budget must be a positive number of seconds, got {args.budget}")
+    if args.per_device is not None and min(args.per_device) < 1:
+        parser.error(f"--per-device takes process counts of 1 or more, got {args.per_device}")
 
     import torch
 
@@ -190,6 +194,7 @@ def main(argv=None) -> int:
     p = DRY if args.dry else FULL
     device = "cpu" if args.dry else "cuda"
     budget = args.budget or p["budget"]
+    ks = tuple(args.per_device or p["per_device"])
     report = {"device": device_info(args.dry), "complete": False}
     say(f"gpu-check on {report['device']['device']}, torch {report['device']['torch']}"
         + (" (dry: CPU, toy sizes; the figures mean nothing)" if args.dry else ""))
@@ -211,7 +216,7 @@ def main(argv=None) -> int:
     done("bench")
 
     say(f"3. runs per device ({p['case']} kt step, {p['probe_steps']} steps each)")
-    report["per_device"] = runs_per_device(p["case"], p["per_device"], p["probe_steps"], p["warmup"], device)
+    report["per_device"] = runs_per_device(p["case"], ks, p["probe_steps"], p["warmup"], device)
     best = max(report["per_device"], key=lambda r: r["steps_per_s"])["k"]
     report["best_per_device"] = best
     say(f"  most throughput: {best} per device (KTLIB_RUNS_PER_DEVICE={best})")

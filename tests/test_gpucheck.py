@@ -80,8 +80,27 @@ def test_a_check_cut_short_keeps_the_parts_it_finished(tmp_path, monkeypatch):
     assert not (tmp_path / "report.json.tmp").exists()
 
 
-@pytest.mark.parametrize("budget", ["0", "-5"])
-def test_a_budget_that_is_not_positive_is_refused(budget, capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "0"], "--budget must be a positive number of seconds, got 0.0"),
+    (["--budget", "-5"], "--budget must be a positive number of seconds, got -5.0"),
+    (["--per-device", "1", "0"], "--per-device takes process counts of 1 or more, got [1, 0]"),
+])
+def test_settings_out_of_range_are_refused(args, message, capsys):
     with pytest.raises(SystemExit) as stop:
-        gpucheck.main(["--dry", "--budget", budget])
-    assert stop.value.code == 2 and "--budget must be a positive number of seconds" in capsys.readouterr().err
+        gpucheck.main(["--dry", *args])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_per_device_counts_reach_part_3(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(gpucheck, "cuda_tests", lambda: {"returncode": 0, "summary": "3 passed", "seconds": 1.0})
+    monkeypatch.setattr(gpucheck, "bench_steps", lambda cases, *a: [])
+
+    def probe(case, ks, *args):
+        seen.append(ks)
+        raise RuntimeError("stop after part 3")
+
+    monkeypatch.setattr(gpucheck, "runs_per_device", probe)
+    with pytest.raises(RuntimeError, match="stop after part 3"):
+        gpucheck.main(["--dry", "--per-device", "3", "1"])
+    assert seen == [(3, 1)]
