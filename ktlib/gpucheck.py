@@ -161,14 +161,14 @@ def table_one(profile: str, seeds, scale: float, workers: int, budget: float, de
 
 
 def save(report: dict, out: Path | None) -> None:
-    """Write ``report`` to ``out`` as JSON (nothing without ``out``), through a temporary file, so that a check
-    stopped while writing leaves the previous report whole."""
+    """Write ``report`` to ``out`` as JSON (nothing without ``out``), whole or not at all
+    (:func:`ktlib.data.atomic_write`), so that a check stopped while writing leaves the previous report."""
     if out is None:
         return
+    from .data import atomic_write
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str))
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: f.write(json.dumps(report, indent=1, default=str).encode()))
 
 
 def main(argv=None) -> int:

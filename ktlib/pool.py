@@ -117,7 +117,8 @@ class _Order:
     def start(self, k: float) -> list[int]:
         chosen = [i for i in self.waiting if self.needs[i] <= self.ok]
         chosen = chosen[:max(0, int(k))] if k < len(chosen) else chosen
-        self.waiting = [i for i in self.waiting if i not in chosen]
+        taken = set(chosen)
+        self.waiting = [i for i in self.waiting if i not in taken]
         return chosen
 
     def end(self, i: int, ok: bool) -> None:
@@ -157,8 +158,8 @@ def _drive(order: _Order, submit, wait_first, slots: float, broken=lambda err: F
             i, err = running.pop(fut), fut.exception()
             if broken(err):
                 order.put_back(i)
-                for i in running.values():  # the pool is gone: they run again in the next one
-                    order.put_back(i)
+                for other in running.values():  # the pool is gone: they run again in the next one
+                    order.put_back(other)
                 return
             order.end(i, err is None)
             yield i, err

@@ -77,7 +77,7 @@ def test_a_check_cut_short_keeps_the_parts_it_finished(tmp_path, monkeypatch):
     assert [b["case"] for b in report["bench"]] == list(gpucheck.DRY["bench_cases"])
     assert "per_device" not in report and "table_one" not in report
     assert list(report["elapsed_s"]) == ["tests", "bench"]
-    assert not (tmp_path / "report.json.tmp").exists()
+    assert [f.name for f in tmp_path.iterdir()] == ["report.json"]  # no temporary file left
 
 
 @pytest.mark.parametrize("args, message", [
