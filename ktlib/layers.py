@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ktlib import kernels
+
 
 def causal_mask(t: int, s: int, device=None) -> torch.Tensor:
     """(T, S) bool, True where query i may not see key j: key j ends later (in relative time) than query i.
@@ -97,12 +99,16 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     training step.  Here one 64-bit draw of torch's generator gives four 16-bit integers u, and an element is
     dropped when u falls in the lowest ``round(p * 2**16)`` of the 2**16 values: p is rounded to a multiple of
     2**-16 (0.1 -> 0.100006).  Same seed, same mask; the random stream differs from ``F.dropout``'s.  Elsewhere
-    (CUDA), ``F.dropout``'s fused kernel is used as it is.
+    (CUDA), ``F.dropout``'s fused kernel is used as it is.  Where the compiled kernels are built
+    (:mod:`ktlib.kernels`), a float32 CPU tensor goes through :func:`ktlib.kernels.dropout` instead: the same rate,
+    random numbers from a hash of (two keys from torch's generator, element index).
     """
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0:
         return F.dropout(x, p, training)
+    if kernels.dropout_fits(x):  # the same rate from a counter-based hash, mask recomputed for the backward pass
+        return kernels.dropout(x, p)
     return x * dropout_mask(x.shape, p).to(x.dtype)
 
 
@@ -265,8 +271,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     the attention weights (0 outside training); with ``drop_keys`` whole keys are dropped per sample and head
     before the softmax instead (far fewer random numbers).  Returns ``(out, weights)``, the weights (B, H, T, S)
     only when ``need_weights`` (else None).  The plain formula when the weights are asked for or ``reference``;
-    else PyTorch's fused kernel, except on the CPU, where :class:`ExplicitAttention` serves dropout on the weights
-    (the kernel has no fused dropout there) and small score matrices.
+    else PyTorch's fused kernel, except on the CPU, where the compiled kernel (:func:`ktlib.kernels.attention`, when
+    built) or :class:`ExplicitAttention` serves dropout on the weights (the fused kernel has none there) and small
+    score matrices.
     """
     b, heads, t, d_k = q.shape
     s = k.shape[2]
@@ -285,8 +292,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     elif q.device.type == "cpu" and (p > 0 or t * s <= SMALL_ATTENTION):
         # On the CPU the fused kernel has no dropout (with p > 0 it falls back to a plain path with F.dropout),
         # and on small score matrices its per-block overhead costs more than explicit products
-        drop_scale = dropout_mask((b, heads, t, s), p).to(q.dtype) if p > 0 else None
-        out = ExplicitAttention.apply(q, k, v, bias, drop_scale, d_k ** -0.5)  # (B, H, T, d_k)
+        if kernels.attention_fits(q, k, v, bias):  # one pass per head each way, the dropout mask recomputed
+            out = kernels.attention(q, k, v, bias, p, d_k ** -0.5)
+        else:
+            drop_scale = dropout_mask((b, heads, t, s), p).to(q.dtype) if p > 0 else None
+            out = ExplicitAttention.apply(q, k, v, bias, drop_scale, d_k ** -0.5)  # (B, H, T, d_k)
     elif mask is not None and len(mask.chunks) > 1:  # rows [a, b) see no key from b on: leave those out
         out = torch.cat([_causal_chunk(q, k, v, bias, mask.n_real, a, b, p) for a, b in mask.chunks], dim=2)
     else:

@@ -1,0 +1,186 @@
+"""The compiled CPU kernels (ktlib.kernels) compute what the PyTorch paths compute: attention and its gradient
+against ExplicitAttention (any strides, every mask layout, head sizes 4, 8 and another), dropout of the weights
+with the kernel's own mask, dropout's rate, scale and gradient, the same bits whatever the thread count, and the
+PyTorch paths, with the reason, when the kernels are off or cannot be built.
+
+No test here times anything: speed is measured by ``python -m ktlib.bench``, never asserted.
+"""
+
+import math
+
+import pytest
+import torch
+
+import ktlib.layers as layers_module
+from ktlib import kernels
+from ktlib.layers import ExplicitAttention, dropout_mask
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"compiled kernels {kernels.status()}")
+
+
+def _inputs(b, h, t, s, dk, bias_kind, seed=0):
+    """q, k, v as the model makes them (heads split off a (B, T, H * d_k) projection: strided views), a bias."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, n, h, dk, generator=g).transpose(1, 2) for n in (t, s, s))
+    blocked = {
+        "none": None,
+        "keys": torch.rand(b, 1, 1, s, generator=g) < 0.4,  # key padding, per sample
+        "rows": torch.rand(b, 1, t, s, generator=g) < 0.4,  # per sample and query
+        "shared": torch.rand(1, 1, t, s, generator=g) < 0.4,  # one (T, S) mask for every sample
+    }[bias_kind]
+    if blocked is None:
+        return q, k, v, None
+    blocked[..., -1] = False  # every query sees a key (AttentionMask opens the rows that would see none)
+    return q, k, v, torch.zeros(blocked.shape).masked_fill(blocked, float("-inf"))
+
+
+def _run(fn, q, k, v, grad):
+    """Output and the gradients of q, k, v of ``fn(q, k, v)`` for upstream gradient ``grad``."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(grad)
+    return [out.detach()] + [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 7, 5, 4), (2, 3, 6, 13, 8), (2, 2, 4, 9, 5), (1, 1, 1, 1, 4),
+                                   (2, 2, 50, 50, 4)])
+@pytest.mark.parametrize("bias_kind", ["none", "keys", "rows", "shared"])
+def test_attention_kernel_equals_explicit_attention_and_its_gradient(shape, bias_kind):
+    b, h, t, s, dk = shape
+    q, k, v, bias = _inputs(b, h, t, s, dk, bias_kind)
+    grad = torch.randn(b, h, t, dk)
+    assert kernels.attention_fits(q, k, v, bias)
+    got = _run(lambda q, k, v: kernels.attention(q, k, v, bias, 0.0, dk ** -0.5), q, k, v, grad)
+    want = _run(lambda q, k, v: ExplicitAttention.apply(q, k, v, bias, None, dk ** -0.5), q, k, v, grad)
+    for name, a, w in zip(("out", "grad q", "grad k", "grad v"), got, want, strict=True):
+        assert a.shape == w.shape
+        assert torch.allclose(a, w, atol=2e-6, rtol=1e-5), (name, (a - w).abs().max().item())
+
+
+def test_attention_kernel_with_dropout_is_the_explicit_formula_with_its_own_mask():
+    """The mask the attention kernel draws is dropout_apply's on a (B, H, T, S) tensor with the same keys: the
+    kernel equals ExplicitAttention given that mask, forward and backward."""
+    b, h, t, s, dk, p = 3, 2, 6, 11, 4, 0.3
+    q, k, v, bias = _inputs(b, h, t, s, dk, "rows")
+    grad = torch.randn(b, h, t, dk)
+    torch.manual_seed(7)
+    mask = kernels.dropout(torch.ones(b, h, t, s), p)
+    assert mask.unique().tolist() == [0.0, pytest.approx(1 / (1 - p))]
+    torch.manual_seed(7)  # the same keys for the attention call
+    got = _run(lambda q, k, v: kernels.attention(q, k, v, bias, p, dk ** -0.5), q, k, v, grad)
+    want = _run(lambda q, k, v: ExplicitAttention.apply(q, k, v, bias, mask, dk ** -0.5), q, k, v, grad)
+    for a, w in zip(got, want, strict=True):
+        assert torch.allclose(a, w, atol=2e-6, rtol=1e-5)
+    torch.manual_seed(8)  # other keys, another mask
+    other = _run(lambda q, k, v: kernels.attention(q, k, v, bias, p, dk ** -0.5), q, k, v, grad)
+    assert not torch.allclose(other[0], got[0])
+
+
+def test_kernels_give_the_same_bits_with_one_thread_and_two():
+    q, k, v, bias = _inputs(4, 2, 9, 12, 8, "keys")
+    grad = torch.randn(4, 2, 9, 8)
+    x = torch.randn(300, 700)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(3)
+            att = _run(lambda q, k, v: kernels.attention(q, k, v, bias, 0.2, 8 ** -0.5), q, k, v, grad)
+            results.append(att + [kernels.dropout(x, 0.1)])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5])
+def test_dropout_kernel_rate_scale_and_gradient(p):
+    torch.manual_seed(0)
+    n = 1_000_000
+    x = torch.randn(1000, n // 1000).requires_grad_()
+    y = kernels.dropout(x, p)
+    kept = y != 0
+    dropped = 1.0 - kept.double().mean().item()
+    assert abs(dropped - p) < 5 * math.sqrt(p * (1 - p) / n) + 2**-16  # binomial (5 sd) plus p's rounding
+    scale = torch.tensor(1.0 / (1.0 - p))  # float32, as the kernel multiplies
+    assert torch.equal(y[kept], x.detach()[kept] * scale)
+    g = torch.randn_like(x)
+    y.backward(g)
+    assert torch.equal(x.grad, torch.where(kept, g * scale, torch.zeros_like(g)))  # the mask, recomputed
+
+
+def test_dropout_kernel_masks_are_independent_of_position_and_between_calls():
+    torch.manual_seed(1)
+    ones = torch.ones(400, 500)
+    first = (kernels.dropout(ones, 0.5) > 0).double()
+    second = (kernels.dropout(ones, 0.5) > 0).double()
+
+    def corr(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        return ((a * b).mean() / (a.std() * b.std())).item()
+
+    bound = 5 / math.sqrt(first.numel())  # 5 sd of a correlation of independent bits
+    assert abs(corr(first, second)) < bound  # two calls
+    assert abs(corr(first[:, 1:], first[:, :-1])) < bound  # neighbours in a row
+    assert abs(corr(first[1:], first[:-1])) < bound  # neighbours in a column
+    torch.manual_seed(1)
+    assert torch.equal((kernels.dropout(ones, 0.5) > 0).double(), first)  # the same seed, the same mask
+
+
+def test_layers_use_the_kernels_and_keep_pytorchs_paths_for_what_they_do_not_serve():
+    torch.manual_seed(2)
+    x = torch.randn(6, 7)
+    torch.manual_seed(5)
+    through_layers = layers_module.dropout(x, 0.3)
+    torch.manual_seed(5)
+    assert torch.equal(through_layers, kernels.dropout(x, 0.3))
+    x64 = x.double()  # float64: not the kernel's
+    assert not kernels.dropout_fits(x64)
+    torch.manual_seed(5)
+    through_layers = layers_module.dropout(x64, 0.3)
+    torch.manual_seed(5)
+    assert torch.equal(through_layers, x64 * dropout_mask(x64.shape, 0.3).double())
+    dk = kernels.MAX_DK + 1  # a head size over the kernel's limit: ExplicitAttention serves it
+    q, k, v, _ = _inputs(2, 2, 3, 4, dk, "none")
+    assert not kernels.attention_fits(q, k, v, None)
+    out, _ = layers_module.attend(q, k, v, None, 0.0)
+    assert torch.allclose(out, ExplicitAttention.apply(q, k, v, None, None, dk ** -0.5))
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch, tmp_path):
+    """The kernels' state forgotten and their cache in a temporary folder; restored afterwards."""
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv("KTLIB_KERNEL_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_kernels_off_leave_the_pytorch_paths(fresh_kernels, monkeypatch):
+    monkeypatch.setenv("KTLIB_KERNELS", "0")
+    assert not kernels.available()
+    assert "KTLIB_KERNELS=0" in kernels.status()
+    x = torch.randn(5, 8)
+    assert not kernels.dropout_fits(x)
+    torch.manual_seed(4)
+    y = layers_module.dropout(x, 0.25)
+    torch.manual_seed(4)
+    assert torch.equal(y, x * dropout_mask(x.shape, 0.25))  # the PyTorch path's random stream
+
+
+def test_a_compiler_that_fails_leaves_the_pytorch_paths_and_says_why(fresh_kernels, monkeypatch, tmp_path):
+    broken = tmp_path / "broken-cc"
+    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo broken-cc 1.0 && exit 0\necho 'no such flag' >&2\n"
+                      "exit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    assert not kernels.available()
+    assert "could not build" in kernels.status() and "no such flag" in kernels.status()
+    assert not list(fresh_kernels.glob("*.so"))  # no half-built file left in the cache
+
+
+def test_a_damaged_library_in_the_cache_is_built_again(fresh_kernels):
+    target = kernels._target(kernels._compiler(), kernels._flags())
+    assert target.parent == fresh_kernels
+    target.write_bytes(b"not a shared library")  # say, a copy cut short
+    assert kernels.available(), kernels.status()
+    assert target.read_bytes()[:4] == b"\x7fELF"
