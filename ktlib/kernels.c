@@ -95,17 +95,21 @@ typedef struct {
     float scale, keep_scale;
     int drop;             /* 0: no dropout */
     uint32_t cut, k1, k2; /* dropped: the hash's top 16 bits < cut */
+    const int64_t *n_real; /* NULL, or causal self-attention on real frames first (T == S, no bias): row t of
+                              sample b sees keys 0..t if t < n_real[b], else none (a zero result) */
 } attn_args;
 
 /* The sizes and settings of one call as constants of a head's loop (the compiler then keeps them in registers:
- * read through the pointer they could alias the float rows), and the head's keys and values, transposed. */
+ * read through the pointer they could alias the float rows), and the head's keys and values, transposed (ld:
+ * their row length, S padded). */
 #define HEAD_SETUP(DKC)                                                                                       \
-    const int dk = DKC ? DKC : a->DK, T = a->T, S = a->S, sp = padded(S), drop = a->drop;                     \
+    const int dk = DKC ? DKC : a->DK, T = a->T, S = a->S, ld = padded(S), drop = a->drop;                     \
+    const int live = a->n_real ? (int)a->n_real[b] : T; /* rows from here on see no key */                    \
     const float scale = a->scale, keep_scale = a->keep_scale;                                                 \
     const uint32_t cut = a->cut, k1 = a->k1, k2 = a->k2;                                                      \
     const int64_t head = (int64_t)b * a->H + h;                                                               \
-    load_transposed(&a->k, b, h, S, sp, dk, kt);                                                              \
-    load_transposed(&a->v, b, h, S, sp, dk, vt)
+    load_transposed(&a->k, b, h, S, ld, dk, kt);                                                              \
+    load_transposed(&a->v, b, h, S, ld, dk, vt)
 
 /* Forward of one head (b, h): out[b, h, t] = sum_j dropout(softmax(scale * q_t . k_j + bias_tj))_j v_j, and the
  * row's log-sum-exp (for the backward pass).  DKC: d_k as a constant (4, 8) or 0 (read from a). */
@@ -114,10 +118,16 @@ static void forward_head_##NAME(const attn_args *a, int b, int h, view4 *out, fl
                                 float *restrict kt, float *restrict vt, float *restrict w) {                  \
     HEAD_SETUP(DKC);                                                                                          \
     for (int t = 0; t < T; t++) {                                                                             \
-        load_bias(&a->bias, b, h, t, S, sp, w);                                                               \
+        if (t >= live) {                                                                                      \
+            for (int d = 0; d < dk; d++) AT(out, b, h, t, d) = 0.0f;                                          \
+            lse[head * T + t] = 0.0f;                                                                         \
+            continue;                                                                                         \
+        }                                                                                                     \
+        const int n = a->n_real ? t + 1 : S, sp = padded(n); /* the keys row t may see, and with padding */  \
+        load_bias(&a->bias, b, h, t, n, sp, w);                                                               \
         for (int d = 0; d < dk; d++) {                                                                        \
             const float qd = AT(&a->q, b, h, t, d) * scale;                                                   \
-            const float *kr = kt + d * sp;                                                                    \
+            const float *kr = kt + d * ld;                                                                    \
             for (int j = 0; j < sp; j++) w[j] += qd * kr[j];                                                  \
         }                                                                                                     \
         const float m = row_max(w, sp);                                                                       \
@@ -136,7 +146,7 @@ static void forward_head_##NAME(const attn_args *a, int b, int h, view4 *out, fl
             for (int j = 0; j < sp; j++) w[j] *= inv;                                                         \
         }                                                                                                     \
         for (int d = 0; d < dk; d++) {                                                                        \
-            const float *vr = vt + d * sp;                                                                    \
+            const float *vr = vt + d * ld;                                                                    \
             float acc = 0.0f;                                                                                 \
             for (int j = 0; j < sp; j++) acc += w[j] * vr[j];                                                 \
             AT(out, b, h, t, d) = acc;                                                                        \
@@ -154,19 +164,24 @@ static void backward_head_##NAME(const attn_args *a, const view4 *g, const float
                                  float *restrict gkt, float *restrict gvt, float *restrict w,                 \
                                  float *restrict y, float *restrict u) {                                      \
     HEAD_SETUP(DKC);                                                                                          \
-    memset(gkt, 0, sizeof(float) * dk * sp);                                                                  \
-    memset(gvt, 0, sizeof(float) * dk * sp);                                                                  \
+    memset(gkt, 0, sizeof(float) * dk * ld);                                                                  \
+    memset(gvt, 0, sizeof(float) * dk * ld);                                                                  \
     for (int t = 0; t < T; t++) {                                                                             \
+        if (t >= live) {                                                                                      \
+            for (int d = 0; d < dk; d++) AT(gq, b, h, t, d) = 0.0f;                                           \
+            continue;                                                                                         \
+        }                                                                                                     \
+        const int n = a->n_real ? t + 1 : S, sp = padded(n);                                                  \
         float qt[MAX_DK], gt[MAX_DK];                                                                         \
         for (int d = 0; d < dk; d++) {                                                                        \
             qt[d] = AT(&a->q, b, h, t, d);                                                                    \
             gt[d] = AT(g, b, h, t, d);                                                                        \
         }                                                                                                     \
-        load_bias(&a->bias, b, h, t, S, sp, w);                                                               \
+        load_bias(&a->bias, b, h, t, n, sp, w);                                                               \
         for (int j = 0; j < sp; j++) u[j] = 0.0f;                                                             \
         for (int d = 0; d < dk; d++) {                                                                        \
             const float qd = qt[d] * scale, gd = gt[d];                                                       \
-            const float *kr = kt + d * sp, *vr = vt + d * sp;                                                 \
+            const float *kr = kt + d * ld, *vr = vt + d * ld;                                                 \
             for (int j = 0; j < sp; j++) {                                                                    \
                 w[j] += qd * kr[j];                                                                           \
                 u[j] += gd * vr[j];                                                                           \
@@ -186,8 +201,8 @@ static void backward_head_##NAME(const attn_args *a, const view4 *g, const float
         }                                                                                                     \
         for (int j = 0; j < sp; j++) u[j] = (u[j] - w[j] * usum) * scale;                                     \
         for (int d = 0; d < dk; d++) {                                                                        \
-            const float *kr = kt + d * sp;                                                                    \
-            float *gkr = gkt + d * sp, *gvr = gvt + d * sp;                                                   \
+            const float *kr = kt + d * ld;                                                                    \
+            float *gkr = gkt + d * ld, *gvr = gvt + d * ld;                                                   \
             const float qd = qt[d], gd = gt[d];                                                               \
             float acc = 0.0f;                                                                                 \
             for (int j = 0; j < sp; j++) {                                                                    \
@@ -200,8 +215,8 @@ static void backward_head_##NAME(const attn_args *a, const view4 *g, const float
     }                                                                                                         \
     for (int j = 0; j < S; j++)                                                                               \
         for (int d = 0; d < dk; d++) {                                                                        \
-            AT(gk, b, h, j, d) = gkt[d * sp + j];                                                             \
-            AT(gv, b, h, j, d) = gvt[d * sp + j];                                                             \
+            AT(gk, b, h, j, d) = gkt[d * ld + j];                                                             \
+            AT(gv, b, h, j, d) = gvt[d * ld + j];                                                             \
         }                                                                                                     \
 }
 

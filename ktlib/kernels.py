@@ -44,7 +44,7 @@ class _AttentionArgs(ctypes.Structure):  # attn_args in kernels.c
     _fields_ = [("B", ctypes.c_int), ("H", ctypes.c_int), ("T", ctypes.c_int), ("S", ctypes.c_int),
                 ("DK", ctypes.c_int), ("q", _View), ("k", _View), ("v", _View), ("bias", _View),
                 ("scale", ctypes.c_float), ("keep_scale", ctypes.c_float), ("drop", ctypes.c_int),
-                ("cut", ctypes.c_uint32), ("k1", ctypes.c_uint32), ("k2", ctypes.c_uint32)]
+                ("cut", ctypes.c_uint32), ("k1", ctypes.c_uint32), ("k2", ctypes.c_uint32), ("n_real", ctypes.c_void_p)]
 
 
 def _flags() -> list[str]:
@@ -165,23 +165,26 @@ def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torc
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias, p: float, scale: float):
+    def forward(ctx, q, k, v, bias, p: float, scale: float, n_real):
         b, heads, t, d_k = q.shape
         s = k.shape[2]
         k1, k2 = _keys() if p > 0 else (0, 0)
+        if n_real is not None:
+            n_real = n_real.reshape(b).to(torch.int64).contiguous()
         args = _AttentionArgs(b, heads, t, s, d_k, _view(q), _view(k), _view(v), _view(bias), scale,
-                              1.0 / (1.0 - p) if p > 0 else 1.0, int(p > 0), _cut(p), k1, k2)
+                              1.0 / (1.0 - p) if p > 0 else 1.0, int(p > 0), _cut(p), k1, k2,
+                              None if n_real is None else n_real.data_ptr())
         out = q.new_empty(b, t, heads, d_k).transpose(1, 2)  # heads merged for free afterwards: (B, T, H, d_k)
         lse = q.new_empty(b * heads * t)
         if _library().attention_forward(args, _view(out), lse.data_ptr(), torch.get_num_threads()) != 0:
             raise MemoryError("the attention kernel could not allocate its scratch memory")
-        ctx.save_for_backward(q, k, v, bias, lse)
+        ctx.save_for_backward(q, k, v, bias, lse, n_real)
         ctx.args = args
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, bias, lse = ctx.saved_tensors
+        q, k, v, bias, lse, n_real = ctx.saved_tensors
         args = ctx.args  # its pointers are those of the saved tensors, which are still alive
         b, heads, t, d_k = q.shape
         grad_q = q.new_empty(b, t, heads, d_k).transpose(1, 2)
@@ -189,15 +192,21 @@ class _Attention(torch.autograd.Function):
         if _library().attention_backward(args, _view(grad), lse.data_ptr(), _view(grad_q), _view(grad_k),
                                          _view(grad_v), torch.get_num_threads()) != 0:
             raise MemoryError("the attention kernel could not allocate its scratch memory")
-        return grad_q, grad_k, grad_v, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, p: float,
-              scale: float) -> torch.Tensor:
+              scale: float, n_real: torch.Tensor | None = None) -> torch.Tensor:
     """``dropout(softmax(q k^T * scale + bias), p) @ v``: (B, H, T, d_k) from q (B, H, T, d_k), k and v
     (B, H, S, d_k), bias (1|B, 1|H, 1|T, S) additive (0 or -inf) or None; any strides.  Check
-    :func:`attention_fits` first.  The result is laid out as (B, T, H, d_k) in memory."""
-    return _Attention.apply(q, k, v, bias, p, scale)
+    :func:`attention_fits` first.  The result is laid out as (B, T, H, d_k) in memory.
+
+    ``n_real`` (B, 1), with no bias and T == S: causal self-attention over sequences whose real frames come first
+    (:meth:`ktlib.layers.AttentionMask.causal_real_first`): row t of sample i sees keys 0..t when
+    ``t < n_real[i]`` and none otherwise (a zero result); the keys a row does not see are never computed."""
+    if n_real is not None and (bias is not None or q.shape[2] != k.shape[2]):
+        raise ValueError("n_real is for causal self-attention (T == S) without a bias")
+    return _Attention.apply(q, k, v, bias, p, scale, n_real)
 
 
 def dropout_fits(x: torch.Tensor) -> bool:

@@ -6,10 +6,12 @@ up to float rounding; ``tests/test_fast_paths.py`` checks them against the plain
 - masks: :func:`causal_mask` (MulT's future mask, stretched to unequal lengths), its per-sample form on real
   frames :func:`causal_mask_from_padding`, :func:`span_mask_from_padding` and :func:`pool_onto` (the word-slot
   time axis of unaligned ``kt``), and :class:`AttentionMask`, which combines them once per stack of layers;
-- :func:`attend`: ``softmax(q k^T / sqrt(d_k)) v`` through PyTorch's fused kernel, :class:`ExplicitAttention`
-  on the CPU for small score matrices and dropout on the weights, or the plain formula when the weights are asked
-  for; :func:`causal_real_first`: long causal self-attention with each sample's real frames moved to the front;
-- :func:`dropout` / :class:`Dropout`: ``F.dropout``'s semantics with cheaper random numbers on the CPU.
+- :func:`attend`: ``softmax(q k^T / sqrt(d_k)) v`` through PyTorch's fused kernel, on the CPU through the
+  compiled kernel of :mod:`ktlib.kernels` (when it is built) or :class:`ExplicitAttention` for small score
+  matrices and dropout on the weights, or the plain formula when the weights are asked for;
+  :func:`causal_real_first`: long causal self-attention with each sample's real frames moved to the front;
+- :func:`dropout` / :class:`Dropout`: ``F.dropout``'s semantics with cheaper random numbers on the CPU (the
+  compiled kernel's, when it is built).
 
 Mask vocabulary: see :mod:`ktlib.model` (``pad`` True on padding frames, ``blocked`` True where a query may not
 see a key).
@@ -271,9 +273,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     the attention weights (0 outside training); with ``drop_keys`` whole keys are dropped per sample and head
     before the softmax instead (far fewer random numbers).  Returns ``(out, weights)``, the weights (B, H, T, S)
     only when ``need_weights`` (else None).  The plain formula when the weights are asked for or ``reference``;
-    else PyTorch's fused kernel, except on the CPU, where the compiled kernel (:func:`ktlib.kernels.attention`, when
-    built) or :class:`ExplicitAttention` serves dropout on the weights (the fused kernel has none there) and small
-    score matrices.
+    else PyTorch's fused kernel, except on the CPU: there the compiled kernel (:func:`ktlib.kernels.attention`)
+    serves every shape when it is built, else :class:`ExplicitAttention` serves dropout on the weights (the fused
+    kernel has none there) and small score matrices.
     """
     b, heads, t, d_k = q.shape
     s = k.shape[2]
@@ -281,7 +283,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
         dropped = torch.rand(b, heads, 1, s, device=q.device) < p
         mask = AttentionMask(dropped if mask is None else mask.blocked | dropped)
         p = 0.0
-    bias = None if mask is None else mask.bias(q.dtype)  # (1|B, 1|H, T|1, S) 0 or -inf
+    # on the CPU, the compiled kernel: one pass per head each way, the dropout mask recomputed; 1.4-4x PyTorch's
+    # paths on every shape here (docs/benchmark.md).  Real frames first (causal_real_first): it needs no bias and
+    # never computes the keys after a row
+    compiled = not (need_weights or reference) and q.device.type == "cpu" and kernels.attention_fits(q, k, v, None)
+    real_first = compiled and mask is not None and mask.n_real is not None
+    bias = None if mask is None or real_first else mask.bias(q.dtype)  # (1|B, 1|H, T|1, S) 0 or -inf
     weights = None
     if need_weights or reference:  # the formula as written, keeping the weights
         scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (B, H, T, S)
@@ -289,14 +296,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
         out = dropout(weights, p) @ v  # (B, H, T, d_k)
         if need_weights and mask is not None:
             weights = weights.masked_fill(mask.empty, 0.0)
+    elif compiled:
+        out = kernels.attention(q, k, v, bias, p, d_k ** -0.5, n_real=mask.n_real if real_first else None)
     elif q.device.type == "cpu" and (p > 0 or t * s <= SMALL_ATTENTION):
         # On the CPU the fused kernel has no dropout (with p > 0 it falls back to a plain path with F.dropout),
         # and on small score matrices its per-block overhead costs more than explicit products
-        if kernels.attention_fits(q, k, v, bias):  # one pass per head each way, the dropout mask recomputed
-            out = kernels.attention(q, k, v, bias, p, d_k ** -0.5)
-        else:
-            drop_scale = dropout_mask((b, heads, t, s), p).to(q.dtype) if p > 0 else None
-            out = ExplicitAttention.apply(q, k, v, bias, drop_scale, d_k ** -0.5)  # (B, H, T, d_k)
+        drop_scale = dropout_mask((b, heads, t, s), p).to(q.dtype) if p > 0 else None
+        out = ExplicitAttention.apply(q, k, v, bias, drop_scale, d_k ** -0.5)  # (B, H, T, d_k)
     elif mask is not None and len(mask.chunks) > 1:  # rows [a, b) see no key from b on: leave those out
         out = torch.cat([_causal_chunk(q, k, v, bias, mask.n_real, a, b, p) for a, b in mask.chunks], dim=2)
     else:

@@ -76,6 +76,30 @@ def test_attention_kernel_with_dropout_is_the_explicit_formula_with_its_own_mask
     assert not torch.allclose(other[0], got[0])
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_real_first_causal_attention_computes_only_the_keys_a_row_sees(p):
+    """With ``n_real`` the kernel is causal self-attention over real frames first: the same as the explicit
+    formula under AttentionMask.causal_real_first's bias, rows past a sample's real frames zero, and gradients
+    equal, with dropout of the weights too (its mask: dropout_apply's with the same keys)."""
+    b, h, t, dk = 4, 2, 21, 8
+    q, k, v, _ = _inputs(b, h, t, t, dk, "none", seed=3)
+    n_real = torch.tensor([[21], [1], [9], [0]])  # all real, one frame, some, none
+    mask = layers_module.AttentionMask.causal_real_first(n_real, t, 8)
+    grad = torch.randn(b, h, t, dk)
+    torch.manual_seed(11)
+    keep = kernels.dropout(torch.ones(b, h, t, t), p) if p > 0 else None
+    torch.manual_seed(11)
+    got = _run(lambda q, k, v: kernels.attention(q, k, v, None, p, dk ** -0.5, n_real=n_real), q, k, v, grad)
+    want = _run(lambda q, k, v: ExplicitAttention.apply(q, k, v, mask.bias(torch.float32), keep, dk ** -0.5)
+                .masked_fill(mask.empty, 0.0), q, k, v, grad)
+    for a, w in zip(got, want, strict=True):
+        assert torch.allclose(a, w, atol=2e-6, rtol=1e-5)
+    assert torch.equal(got[0][1, :, 1:], torch.zeros(h, t - 1, dk)) and not got[0][3].any()
+    assert torch.equal(got[1][3], torch.zeros(h, t, dk))  # no real frame: no gradient
+    with pytest.raises(ValueError, match="causal self-attention"):
+        kernels.attention(q, k, v, mask.bias(torch.float32), p, dk ** -0.5, n_real=n_real)
+
+
 def test_kernels_give_the_same_bits_with_one_thread_and_two():
     q, k, v, bias = _inputs(4, 2, 9, 12, 8, "keys")
     grad = torch.randn(4, 2, 9, 8)
