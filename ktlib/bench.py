@@ -24,6 +24,9 @@ commit) against this one: fresh processes alternate between the two trees (A B, 
 its own ``ktlib``, and the ratio PATH / this tree is taken round by round, so a machine whose speed drifts still
 gives a fair ratio.
 
+``--kernels``: one attention call and one dropout call (forward + backward) of the shapes above, through the
+compiled CPU kernels of :mod:`ktlib.kernels` and through the PyTorch paths, paired in one process.
+
 ``--table``: time per batch of every setting with three attention paths (train and eval, batch 24, paper
 configuration, aligned and unaligned; about 12 minutes on a 2-core CPU):
 
@@ -38,6 +41,7 @@ run it against another tree's ``ktlib``; only names that ``ktlib`` has had since
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import multiprocessing as mp
@@ -319,12 +323,87 @@ def compare(other: Path, cases, rounds: int, steps: int, warmup: int, device: st
     return rows
 
 
+KERNEL_CASES = [  # (what, B, H, T, S, d_k, dropout on the weights, causal over real frames first)
+    ("quick: language stacks", 48, 4, 50, 50, 4, 0.1, False),
+    ("quick: other stacks", 48, 4, 50, 50, 4, 0.0, False),
+    ("paper aligned: language stacks", 24, 10, 50, 50, 4, 0.1, False),
+    ("paper aligned: language memory", 24, 10, 50, 50, 8, 0.1, False),
+    ("paper unaligned: language on vision", 24, 10, 50, 500, 4, 0.1, False),
+    ("paper unaligned: vision on language", 24, 10, 500, 50, 4, 0.0, False),
+    ("paper unaligned: vision on audio", 24, 10, 500, 375, 4, 0.0, False),
+    ("paper unaligned: audio on vision", 24, 10, 375, 500, 4, 0.0, False),
+    ("paper unaligned: vision memory (causal, real first)", 24, 10, 500, 500, 8, 0.0, True),
+]
+DROPOUT_CASES = [("quick: a stack's activations", (48, 50, 64), 0.1), ("paper unaligned: vision", (24, 500, 40), 0.1)]
+
+
+def kernel_table(rounds: int = 5, calls: int = 5) -> list[dict]:
+    """Forward + backward of one attention call (MulT's masks: key padding and the stretched causal mask, lengths
+    drawn between a third and all) and one dropout call, through the compiled kernels and through the PyTorch paths
+    (``ktlib.kernels.turned_off``), in this process: ``rounds`` rounds alternating which goes first, each the median
+    of ``calls`` calls after one; ms is the median over rounds, ratio (PyTorch / compiled) the median of the
+    rounds' ratios with its smallest and largest."""
+    import torch
+
+    from ktlib import kernels
+    from ktlib.layers import CAUSAL_CHUNK, AttentionMask, attend, causal_mask, dropout
+
+    def timed(fn) -> float:
+        fn()
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def paired(what: str, fn) -> dict:
+        pairs = []
+        for r in range(rounds):
+            order = (True, False) if r % 2 == 0 else (False, True)
+            ms = {}
+            for compiled in order:
+                with contextlib.nullcontext() if compiled else kernels.turned_off():
+                    ms[compiled] = 1000 * timed(fn)
+            pairs.append((ms[False], ms[True]))
+        ratios = [a / b for a, b in pairs]
+        return {"what": what, "pytorch_ms": statistics.median(a for a, _ in pairs),
+                "compiled_ms": statistics.median(b for _, b in pairs), "ratio": statistics.median(ratios),
+                "ratio_min": min(ratios), "ratio_max": max(ratios)}
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for what, b, h, t, s, d_k, p, real_first in KERNEL_CASES:
+        q, k, v = (torch.randn(b, n, h, d_k, generator=g).transpose(1, 2).requires_grad_() for n in (t, s, s))
+        grad = torch.randn(b, h, t, d_k, generator=g)
+        if real_first:
+            mask = AttentionMask.causal_real_first(torch.randint(t // 3, t + 1, (b, 1), generator=g), t, CAUSAL_CHUNK)
+        else:
+            pad = torch.arange(s)[None, :] < s - torch.randint(s // 3, s + 1, (b, 1), generator=g)
+            mask = AttentionMask.build(pad, causal_mask(t, s))
+
+        def call(q=q, k=k, v=v, mask=mask, p=p, grad=grad):
+            attend(q, k, v, mask, p)[0].backward(grad)
+
+        rows.append(paired(f"attention {b} x {h} x {t} x {s}, d_k {d_k}, p {p}: {what}", call))
+    for what, shape, p in DROPOUT_CASES:
+        x = torch.randn(*shape, generator=g).requires_grad_()
+        grad = torch.randn(*shape, generator=g)
+        rows.append(paired(f"dropout {' x '.join(map(str, shape))}, p {p}: {what}",
+                           lambda x=x, p=p, grad=grad: dropout(x, p).backward(grad)))
+    return rows
+
+
 def _device_name(device: str) -> str:
     import torch
 
     if torch.cuda.is_available() and device != "cpu":
         return torch.cuda.get_device_name(0)
-    return f"CPU, {torch.get_num_threads()} threads"
+    try:  # trees before the compiled kernels have no ktlib.kernels
+        from ktlib import kernels
+    except ImportError:
+        return f"CPU, {torch.get_num_threads()} threads"
+    return f"CPU, {torch.get_num_threads()} threads, compiled kernels {kernels.status()}"
 
 
 def _table(args) -> None:
@@ -369,6 +448,8 @@ def main(argv=None) -> int:
                         help="another checkout of this project: time its steps against this tree's, paired")
     parser.add_argument("--rounds", type=int, default=5, help="paired rounds per case with --compare")
     parser.add_argument("--table", action="store_true", help="every setting x attention path, train and eval")
+    parser.add_argument("--kernels", action="store_true",
+                        help="attention and dropout calls, fwd + bwd: compiled kernels against PyTorch's paths")
     parser.add_argument("--alignments", nargs="+", default=["aligned", "unaligned"], choices=["aligned", "unaligned"])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -380,6 +461,18 @@ def main(argv=None) -> int:
         print(f"ktlib benchmark: MOSI shapes, paper config (d=40, 4 layers, 10 heads), batch {args.batch_size}, "
               f"dropouts on; device: {_device_name(args.device)}; torch {torch.__version__}", flush=True)
         _table(args)
+        return 0
+    if args.kernels:
+        from ktlib import kernels
+
+        if not kernels.available():
+            parser.error(f"--kernels: the compiled kernels are {kernels.status()}")
+        print(f"ktlib benchmark: one call, forward + backward, on the CPU ({torch.get_num_threads()} threads), "
+              f"compiled kernels {kernels.status()}; ratio = PyTorch / compiled, median [min, max] over "
+              f"{args.rounds} paired rounds", flush=True)
+        for r in kernel_table(args.rounds, args.steps or 5):
+            print(f"  {r['what']:95s} PyTorch {r['pytorch_ms']:8.2f} ms   compiled {r['compiled_ms']:8.2f} ms   "
+                  f"ratio {r['ratio']:.2f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]", flush=True)
         return 0
     args.steps = args.steps or 5
     print(f"ktlib benchmark: kt training step (forward, losses, backward, clipping, optimiser), median of "

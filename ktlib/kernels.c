@@ -112,15 +112,16 @@ typedef struct {
     load_transposed(&a->v, b, h, S, ld, dk, vt)
 
 /* Forward of one head (b, h): out[b, h, t] = sum_j dropout(softmax(scale * q_t . k_j + bias_tj))_j v_j, and the
- * row's log-sum-exp (for the backward pass).  DKC: d_k as a constant (4, 8) or 0 (read from a). */
+ * row's largest score and 1 / sum of its exponentials (stats, for the backward pass).  DKC: d_k as a constant
+ * (4, 8) or 0 (read from a). */
 #define ATTENTION_KERNELS(NAME, DKC)                                                                          \
-static void forward_head_##NAME(const attn_args *a, int b, int h, view4 *out, float *lse,                    \
+static void forward_head_##NAME(const attn_args *a, int b, int h, view4 *out, float *stats,                  \
                                 float *restrict kt, float *restrict vt, float *restrict w) {                  \
     HEAD_SETUP(DKC);                                                                                          \
     for (int t = 0; t < T; t++) {                                                                             \
         if (t >= live) {                                                                                      \
             for (int d = 0; d < dk; d++) AT(out, b, h, t, d) = 0.0f;                                          \
-            lse[head * T + t] = 0.0f;                                                                         \
+            stats[2 * (head * T + t)] = stats[2 * (head * T + t) + 1] = 0.0f;                                 \
             continue;                                                                                         \
         }                                                                                                     \
         const int n = a->n_real ? t + 1 : S, sp = padded(n); /* the keys row t may see, and with padding */  \
@@ -151,15 +152,16 @@ static void forward_head_##NAME(const attn_args *a, int b, int h, view4 *out, fl
             for (int j = 0; j < sp; j++) acc += w[j] * vr[j];                                                 \
             AT(out, b, h, t, d) = acc;                                                                        \
         }                                                                                                     \
-        lse[head * T + t] = m + logf(sum);                                                                    \
+        stats[2 * (head * T + t)] = m;                                                                        \
+        stats[2 * (head * T + t) + 1] = inv;                                                                  \
     }                                                                                                         \
 }                                                                                                             \
                                                                                                               \
-/* Backward of one head: the weights are recomputed from the log-sum-exp and the mask from the keys.  With      \
+/* Backward of one head: the weights are recomputed from the row's stats and the mask from the keys.  With      \
  * y = dropped weights, u_j = (g . v_j) y_j, the gradient of score j is w_j (grad_w_j - sum(grad_w * w)) =     \
  * u_j - w_j sum(u); times scale it gives grad_q = sum_j ds_j k_j, grad_k_j = sum_t ds_tj q_t, and              \
  * grad_v_j = sum_t y_tj g_t. */                                                                              \
-static void backward_head_##NAME(const attn_args *a, const view4 *g, const float *lse, int b, int h,          \
+static void backward_head_##NAME(const attn_args *a, const view4 *g, const float *stats, int b, int h,        \
                                  view4 *gq, view4 *gk, view4 *gv, float *restrict kt, float *restrict vt,     \
                                  float *restrict gkt, float *restrict gvt, float *restrict w,                 \
                                  float *restrict y, float *restrict u) {                                      \
@@ -187,9 +189,9 @@ static void backward_head_##NAME(const attn_args *a, const view4 *g, const float
                 u[j] += gd * vr[j];                                                                           \
             }                                                                                                 \
         }                                                                                                     \
-        const float l = lse[head * T + t];                                                                    \
+        const float m = stats[2 * (head * T + t)], inv = stats[2 * (head * T + t) + 1];                       \
         const uint32_t base = (uint32_t)((head * T + t) * S);                                                 \
-        for (int j = 0; j < sp; j++) w[j] = exp_nonpositive(w[j] - l);                                        \
+        for (int j = 0; j < sp; j++) w[j] = exp_nonpositive(w[j] - m) * inv;                                  \
         if (drop)                                                                                             \
             for (int j = 0; j < sp; j++) y[j] = kept(base + j, k1, k2, cut) ? w[j] * keep_scale : 0.0f;      \
         else                                                                                                  \
@@ -241,7 +243,7 @@ static int get_scratch(const attn_args *a, int backward, float *buf[SCRATCH]) {
 
 /* Every head (b, h) of the batch, one per task: the forward pass (g == NULL; out: the result) or the backward
  * pass (g: the result's gradient; out, gk, gv: the gradients of q, k, v).  0, or -1 without scratch memory. */
-static int all_heads(const attn_args *a, const view4 *g, float *lse, view4 *out, view4 *gk, view4 *gv,
+static int all_heads(const attn_args *a, const view4 *g, float *stats, view4 *out, view4 *gk, view4 *gv,
                      int threads) {
     int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -256,31 +258,31 @@ static int all_heads(const attn_args *a, const view4 *g, float *lse, view4 *out,
             if (failed) continue;
             const int b = (int)(head / a->H), h = (int)(head % a->H);
             float *kt = buf[0], *vt = buf[1], *gkt = buf[2], *gvt = buf[3], *w = buf[4], *y = buf[5], *u = buf[6];
-            if (g == NULL && a->DK == 4) forward_head_dk4(a, b, h, out, lse, kt, vt, w);
-            else if (g == NULL && a->DK == 8) forward_head_dk8(a, b, h, out, lse, kt, vt, w);
-            else if (g == NULL) forward_head_any(a, b, h, out, lse, kt, vt, w);
-            else if (a->DK == 4) backward_head_dk4(a, g, lse, b, h, out, gk, gv, kt, vt, gkt, gvt, w, y, u);
-            else if (a->DK == 8) backward_head_dk8(a, g, lse, b, h, out, gk, gv, kt, vt, gkt, gvt, w, y, u);
-            else backward_head_any(a, g, lse, b, h, out, gk, gv, kt, vt, gkt, gvt, w, y, u);
+            if (g == NULL && a->DK == 4) forward_head_dk4(a, b, h, out, stats, kt, vt, w);
+            else if (g == NULL && a->DK == 8) forward_head_dk8(a, b, h, out, stats, kt, vt, w);
+            else if (g == NULL) forward_head_any(a, b, h, out, stats, kt, vt, w);
+            else if (a->DK == 4) backward_head_dk4(a, g, stats, b, h, out, gk, gv, kt, vt, gkt, gvt, w, y, u);
+            else if (a->DK == 8) backward_head_dk8(a, g, stats, b, h, out, gk, gv, kt, vt, gkt, gvt, w, y, u);
+            else backward_head_any(a, g, stats, b, h, out, gk, gv, kt, vt, gkt, gvt, w, y, u);
         }
         for (int i = 0; i < SCRATCH; i++) free(buf[i]);
     }
     return failed ? -1 : 0;
 }
 
-int attention_forward(attn_args a, view4 out, float *lse, int threads) {
-    return all_heads(&a, NULL, lse, &out, NULL, NULL, threads);
+int attention_forward(attn_args a, view4 out, float *stats, int threads) {
+    return all_heads(&a, NULL, stats, &out, NULL, NULL, threads);
 }
 
-int attention_backward(attn_args a, view4 g, float *lse, view4 gq, view4 gk, view4 gv, int threads) {
-    return all_heads(&a, &g, lse, &gq, &gk, &gv, threads);
+int attention_backward(attn_args a, view4 g, float *stats, view4 gq, view4 gk, view4 gv, int threads) {
+    return all_heads(&a, &g, stats, &gq, &gk, &gv, threads);
 }
 
 /* y = x * mask (0, or keep_scale where kept) for contiguous x, y of n elements; y may be x. */
 void dropout_apply(int64_t n, const float *x, float *y, uint32_t cut, float keep_scale, uint32_t k1, uint32_t k2,
                    int threads) {
     const int64_t block = 4096;
-#pragma omp parallel for schedule(static) num_threads(threads) if (n > 16 * block)
+#pragma omp parallel for schedule(static) num_threads(threads) if (n > 4 * block)
     for (int64_t a = 0; a < n; a += block) {
         const int64_t end = a + block < n ? a + block : n;
         for (int64_t i = a; i < end; i++) y[i] = kept((uint32_t)i, k1, k2, cut) ? x[i] * keep_scale : 0.0f;

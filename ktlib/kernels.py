@@ -16,10 +16,12 @@ its PyTorch paths; :func:`status` says which and why.  CUDA never uses them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -54,8 +56,12 @@ def _flags() -> list[str]:
     return _FLAGS + arch
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler() -> list[str] | None:
+    """The C compiler's command: ``$CC`` (which may carry flags), else ``cc`` or ``gcc`` on the PATH."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
 
 
 def cache_dir() -> Path:
@@ -64,26 +70,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ktlib" / "kernels"
 
 
-def _build(cc: str, flags: list[str], target: Path) -> None:
+def _build(cc: list[str], flags: list[str], target: Path) -> None:
     """Compile the source into ``target`` (a temporary file renamed into place: readers never see half a file)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+        done = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {(done.stderr or done.stdout).strip()[-400:]}")
+            raise RuntimeError(f"{shlex.join(cc)} failed: {(done.stderr or done.stdout).strip()[-400:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _target(cc: str, flags: list[str]) -> Path:
+def _target(cc: list[str], flags: list[str]) -> Path:
     """Where the library built from this source with this compiler (its version) and these flags lives."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags, version]).encode()).hexdigest()[:16]
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([*cc, *flags, version]).encode()).hexdigest()[:16]
     return cache_dir() / f"ktlib-kernels-{digest}.so"
 
 
@@ -97,7 +103,7 @@ def _load():
     try:
         target = _target(cc, flags)
     except (OSError, subprocess.SubprocessError) as err:
-        return None, f"off ({cc} did not run: {err}): PyTorch paths"
+        return None, f"off ({shlex.join(cc)} did not run: {err}): PyTorch paths"
     try:
         from filelock import FileLock
 
@@ -119,13 +125,26 @@ def _load():
     lib.dropout_apply.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_float,
                                   ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int]
     lib.attention_forward.restype = lib.attention_backward.restype = ctypes.c_int
-    return lib, f"on ({target.name}, {cc} {' '.join(flags[-2:])})"
+    return lib, f"on ({target}, built by {shlex.join([*cc, *flags[len(_FLAGS):]])})"
 
 
 def _library():
+    if _state.get("off"):
+        return None
     if "lib" not in _state:
         _state["lib"], _state["why"] = _load()
     return _state["lib"]
+
+
+@contextlib.contextmanager
+def turned_off():
+    """Inside the block ktlib takes its PyTorch paths (for comparisons: ``python -m ktlib.bench --kernels``)."""
+    previous = _state.get("off", False)
+    _state["off"] = True
+    try:
+        yield
+    finally:
+        _state["off"] = previous
 
 
 def available() -> bool:
@@ -135,6 +154,8 @@ def available() -> bool:
 
 def status() -> str:
     """``on (...)`` or ``off (why): PyTorch paths``."""
+    if _state.get("off"):
+        return "off (turned_off()): PyTorch paths"
     _library()
     return _state["why"]
 
@@ -175,21 +196,21 @@ class _Attention(torch.autograd.Function):
                               1.0 / (1.0 - p) if p > 0 else 1.0, int(p > 0), _cut(p), k1, k2,
                               None if n_real is None else n_real.data_ptr())
         out = q.new_empty(b, t, heads, d_k).transpose(1, 2)  # heads merged for free afterwards: (B, T, H, d_k)
-        lse = q.new_empty(b * heads * t)
-        if _library().attention_forward(args, _view(out), lse.data_ptr(), torch.get_num_threads()) != 0:
+        stats = q.new_empty(b * heads * t * 2)  # each row's largest score and 1 / sum of exponentials
+        if _library().attention_forward(args, _view(out), stats.data_ptr(), torch.get_num_threads()) != 0:
             raise MemoryError("the attention kernel could not allocate its scratch memory")
-        ctx.save_for_backward(q, k, v, bias, lse, n_real)
+        ctx.save_for_backward(q, k, v, bias, stats, n_real)
         ctx.args = args
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, bias, lse, n_real = ctx.saved_tensors
+        q, k, v, bias, stats, n_real = ctx.saved_tensors
         args = ctx.args  # its pointers are those of the saved tensors, which are still alive
         b, heads, t, d_k = q.shape
         grad_q = q.new_empty(b, t, heads, d_k).transpose(1, 2)
         grad_k, grad_v = (k.new_empty(b, k.shape[2], heads, d_k).transpose(1, 2) for _ in range(2))
-        if _library().attention_backward(args, _view(grad), lse.data_ptr(), _view(grad_q), _view(grad_k),
+        if _library().attention_backward(args, _view(grad), stats.data_ptr(), _view(grad_q), _view(grad_k),
                                          _view(grad_v), torch.get_num_threads()) != 0:
             raise MemoryError("the attention kernel could not allocate its scratch memory")
         return grad_q, grad_k, grad_v, None, None, None, None

@@ -77,3 +77,35 @@ def test_paired_comparison_with_another_checkout(capsys, tmp_path):
     assert re.search(r"quick .*ms/step .*ratio [0-9.]+ \[[0-9.]+, [0-9.]+\]", out)
     with pytest.raises(SystemExit):  # not a checkout
         main(["--compare", str(tmp_path)])
+
+
+def test_kernel_table_times_both_paths_of_each_case(monkeypatch, capsys):
+    """``--kernels`` pairs the compiled kernels with the PyTorch paths: each round runs both, the PyTorch one with
+    the kernels turned off (ExplicitAttention and the mask of ``dropout_mask`` serve it)."""
+    import ktlib.bench as bench
+    import ktlib.layers as layers
+    from ktlib import kernels
+
+    if not kernels.available():
+        pytest.skip(f"compiled kernels {kernels.status()}")
+    monkeypatch.setattr(bench, "KERNEL_CASES", [("tiny", 2, 2, 5, 7, 4, 0.1, False), ("tiny causal", 2, 2, 6, 6, 8,
+                                                                                      0.0, True)])
+    monkeypatch.setattr(bench, "DROPOUT_CASES", [("tiny", (3, 4), 0.2)])
+    calls = {"compiled": 0, "explicit": 0, "pytorch dropout": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(kernels, "attention", counting("compiled", kernels.attention))
+    monkeypatch.setattr(layers.ExplicitAttention, "apply", counting("explicit", layers.ExplicitAttention.apply))
+    monkeypatch.setattr(layers, "dropout_mask", counting("pytorch dropout", layers.dropout_mask))
+    assert main(["--kernels", "--rounds", "2", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"PyTorch +[\d.]+ ms +compiled +[\d.]+ ms +ratio [\d.]+ \[[\d.]+, [\d.]+\]", out)) == 3
+    per_path = 2 * 2 * (1 + 3)  # attention cases x rounds x (one untimed + three timed calls)
+    assert calls["compiled"] == calls["explicit"] == per_path
+    assert calls["pytorch dropout"] == 2 * 4 + 2 * 4 * 1  # the dropout case, and the attention case with p > 0
+    assert kernels.available()  # turned on again after the comparison
