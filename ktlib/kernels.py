@@ -205,6 +205,7 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        grad = grad.float()  # the kernel reads float32 (a no-op when it is)
         q, k, v, bias, stats, n_real = ctx.saved_tensors
         args = ctx.args  # its pointers are those of the saved tensors, which are still alive
         b, heads, t, d_k = q.shape
@@ -225,6 +226,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     ``n_real`` (B, 1), with no bias and T == S: causal self-attention over sequences whose real frames come first
     (:meth:`ktlib.layers.AttentionMask.causal_real_first`): row t of sample i sees keys 0..t when
     ``t < n_real[i]`` and none otherwise (a zero result); the keys a row does not see are never computed."""
+    b, heads, _, d_k = q.shape
+    if k.shape != v.shape or k.shape[:2] != (b, heads) or k.shape[3] != d_k:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not match: "
+                         "expected (B, H, T, d_k), (B, H, S, d_k) and (B, H, S, d_k)")
+    full = (b, heads, q.shape[2], k.shape[2])
+    if bias is not None and (bias.shape[3] != full[3] or any(n not in (1, m) for n, m in zip(bias.shape, full,
+                                                                                             strict=True))):
+        raise ValueError(f"attention: bias {tuple(bias.shape)} does not broadcast to the scores {full}")
     if n_real is not None and (bias is not None or q.shape[2] != k.shape[2]):
         raise ValueError("n_real is for causal self-attention (T == S) without a bias")
     return _Attention.apply(q, k, v, bias, p, scale, n_real)
@@ -246,7 +255,7 @@ class _Dropout(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
+        grad = grad.float().contiguous()
         out = torch.empty_like(grad)
         _library().dropout_apply(grad.numel(), grad.data_ptr(), out.data_ptr(), *ctx.args, torch.get_num_threads())
         return out, None

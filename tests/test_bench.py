@@ -109,3 +109,17 @@ def test_kernel_table_times_both_paths_of_each_case(monkeypatch, capsys):
     assert calls["compiled"] == calls["explicit"] == per_path
     assert calls["pytorch dropout"] == 2 * 4 + 2 * 4 * 1  # the dropout case, and the attention case with p > 0
     assert kernels.available()  # turned on again after the comparison
+
+
+def test_the_kernels_are_ready_before_a_step_is_timed(monkeypatch, tmp_path):
+    """The estimate before a long grid times one step: building the kernels (seconds, once) must not be in it."""
+    import ktlib.bench as bench
+    from ktlib import kernels
+
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv("KTLIB_KERNEL_CACHE", str(tmp_path))
+    cfg = model_config("mosi", "aligned", setting="kt", d=8, layers=1, heads=2)
+    from ktlib.train import TrainConfig
+
+    bench.training_step(cfg, TrainConfig(batch_size=4), 4, device="cpu")
+    assert "lib" in kernels._state  # built or found before training_step returned: no step has run yet

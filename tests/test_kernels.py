@@ -7,6 +7,7 @@ No test here times anything: speed is measured by ``python -m ktlib.bench``, nev
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -98,6 +99,18 @@ def test_real_first_causal_attention_computes_only_the_keys_a_row_sees(p):
     assert torch.equal(got[1][3], torch.zeros(h, t, dk))  # no real frame: no gradient
     with pytest.raises(ValueError, match="causal self-attention"):
         kernels.attention(q, k, v, mask.bias(torch.float32), p, dk ** -0.5, n_real=n_real)
+
+
+def test_attention_kernel_refuses_shapes_it_would_read_out_of_bounds():
+    q, k, v, bias = _inputs(2, 3, 5, 7, 4, "rows")
+    with pytest.raises(ValueError, match=r"bias \(2, 1, 5, 7\) does not broadcast to the scores \(2, 3, 6, 7\)"):
+        kernels.attention(torch.cat([q, q[:, :, :1]], 2), k, v, bias, 0.0, 0.5)  # one more query than the bias
+    with pytest.raises(ValueError, match="does not broadcast"):
+        kernels.attention(q, k, v, bias[..., :6], 0.0, 0.5)  # a key short
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.attention(q, k, v[:, :, :6], None, 0.0, 0.5)  # values for fewer keys than keys
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.attention(q[..., :3], k, v, None, 0.0, 0.5)  # another head size
 
 
 def test_kernels_give_the_same_bits_with_one_thread_and_two():
@@ -208,3 +221,20 @@ def test_a_damaged_library_in_the_cache_is_built_again(fresh_kernels):
     target.write_bytes(b"not a shared library")  # say, a copy cut short
     assert kernels.available(), kernels.status()
     assert target.read_bytes()[:4] == b"\x7fELF"
+
+
+def test_workers_starting_together_build_the_library_once(fresh_kernels):
+    """Two processes that find the cache empty at the same time: one builds under the lock, the other waits and
+    loads the same file; both use the kernels and no temporary file is left."""
+    import subprocess
+    import sys
+
+    code = "from ktlib import kernels; print(kernels.available(), kernels.status())"
+    env = {**os.environ, "KTLIB_KERNEL_CACHE": str(fresh_kernels)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert all(out.startswith("True on (") for out in outs), outs
+    assert len(list(fresh_kernels.glob("*.so"))) == 1
+    assert not [f for f in fresh_kernels.iterdir() if f.suffix not in (".so", ".lock")]
