@@ -452,7 +452,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--compare", type=Path, default=None, metavar="PATH",
                         help="another checkout of this project: time its steps against this tree's, paired")
-    parser.add_argument("--rounds", type=int, default=5, help="paired rounds per case with --compare")
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds per case with --compare or --kernels")
     parser.add_argument("--table", action="store_true", help="every setting x attention path, train and eval")
     parser.add_argument("--kernels", action="store_true",
                         help="attention and dropout calls, fwd + bwd: compiled kernels against PyTorch's paths")

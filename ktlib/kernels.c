@@ -249,13 +249,14 @@ static int all_heads(const attn_args *a, const view4 *g, float *stats, view4 *ou
 #pragma omp parallel num_threads(threads)
     {
         float *buf[SCRATCH];
-        if (!get_scratch(a, g != NULL, buf)) {
+        const int ok = get_scratch(a, g != NULL, buf);
+        if (!ok) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (int64_t head = 0; head < (int64_t)a->B * a->H; head++) {
-            if (failed) continue;
+            if (!ok) continue; /* this thread's heads are left undone: the caller raises */
             const int b = (int)(head / a->H), h = (int)(head % a->H);
             float *kt = buf[0], *vt = buf[1], *gkt = buf[2], *gvt = buf[3], *w = buf[4], *y = buf[5], *u = buf[6];
             if (g == NULL && a->DK == 4) forward_head_dk4(a, b, h, out, stats, kt, vt, w);
