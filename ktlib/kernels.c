@@ -28,6 +28,7 @@ typedef struct {
 #define MAX_DK 64
 #define LANES 8 /* rows of keys are padded to a multiple of this (padding keys: bias -inf, k = v = 0) */
 
+/* a 32-bit bijective mixer; its constants are those of the published "lowbias32" xor-shift-multiply hash */
 static inline uint32_t mix32(uint32_t x) {
     x ^= x >> 16;
     x *= 0x7feb352dU;

@@ -1,7 +1,9 @@
 """The compiled CPU kernels (ktlib.kernels) compute what the PyTorch paths compute: attention and its gradient
 against ExplicitAttention (any strides, every mask layout, head sizes 4, 8 and another), dropout of the weights
-with the kernel's own mask, dropout's rate, scale and gradient, the same bits whatever the thread count, and the
-PyTorch paths, with the reason, when the kernels are off or cannot be built.
+with the kernel's own mask, causal self-attention over real frames first, dropout's rate, scale and gradient, the
+same bits whatever the thread count, clear errors for shapes that do not fit, the PyTorch paths (with the reason)
+when the kernels are off or cannot be built, a damaged cached library built again, and workers that start together
+building it once.
 
 No test here times anything: speed is measured by ``python -m ktlib.bench``, never asserted.
 """
