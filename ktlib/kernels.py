@@ -176,10 +176,10 @@ def _cut(p: float) -> int:
     return round(p * 2**16)  # dropped: the top 16 bits of the hash < cut, so p to 2**-16
 
 
-def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether :func:`attention` serves these inputs (and the kernels are available)."""
-    tensors = (q, k, v) if bias is None else (q, k, v, bias)
-    return (all(x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 for x in tensors)
+def attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`attention` serves these inputs (and the kernels are available); a bias made for q
+    (``AttentionMask.bias(q.dtype)``) fits with them."""
+    return (all(x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 for x in (q, k, v))
             and 0 < q.shape[3] <= MAX_DK and k.shape[2] > 0 and q.numel() > 0
             and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] < 2**32 and available())
 
@@ -231,6 +231,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
         raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} do not match: "
                          "expected (B, H, T, d_k), (B, H, S, d_k) and (B, H, S, d_k)")
     full = (b, heads, q.shape[2], k.shape[2])
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu" or bias.dim() != 4):
+        raise ValueError(f"attention: bias {bias.dtype} on {bias.device}, {bias.dim()}-d: expected float32 on the "
+                         "CPU, (1|B, 1|H, 1|T, S)")
     if bias is not None and (bias.shape[3] != full[3] or any(n not in (1, m) for n, m in zip(bias.shape, full,
                                                                                              strict=True))):
         raise ValueError(f"attention: bias {tuple(bias.shape)} does not broadcast to the scores {full}")

@@ -19,6 +19,7 @@ see a key).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -148,10 +149,16 @@ class AttentionMask:
     def __init__(self, blocked: torch.Tensor, chunks: tuple[tuple[int, int], ...] = (),
                  n_real: torch.Tensor | None = None):
         self.blocked, self.chunks, self.n_real = blocked, chunks, n_real
-        self.empty = blocked.all(-1, keepdim=True)
-        # whether any row is empty: asked once on the CPU (no device sync there), so that layers skip the zeroing
-        self.has_empty = blocked.device.type != "cpu" or bool(self.empty.any())
         self._bias: dict[torch.dtype, torch.Tensor] = {}
+
+    @functools.cached_property
+    def empty(self) -> torch.Tensor:  # made when first asked: the compiled kernel's real-first path never asks
+        return self.blocked.all(-1, keepdim=True)
+
+    @functools.cached_property
+    def has_empty(self) -> bool:
+        # whether any row is empty: asked once on the CPU (no device sync there), so that layers skip the zeroing
+        return self.blocked.device.type != "cpu" or bool(self.empty.any())
 
     @classmethod
     def build(cls, key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None) -> AttentionMask | None:
@@ -286,8 +293,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     # on the CPU, the compiled kernel: one pass per head each way, the dropout mask recomputed; 1.4-4x PyTorch's
     # paths on every shape here (docs/benchmark.md).  Real frames first (causal_real_first): it needs no bias and
     # never computes the keys after a row
-    compiled = not (need_weights or reference) and q.device.type == "cpu" and kernels.attention_fits(q, k, v, None)
-    real_first = compiled and mask is not None and mask.n_real is not None
+    compiled = not (need_weights or reference) and q.device.type == "cpu" and kernels.attention_fits(q, k, v)
+    real_first = compiled and mask is not None and mask.n_real is not None  # rows past the real frames: zeros
     bias = None if mask is None or real_first else mask.bias(q.dtype)  # (1|B, 1|H, T|1, S) 0 or -inf
     weights = None
     if need_weights or reference:  # the formula as written, keeping the weights
@@ -307,7 +314,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
         out = torch.cat([_causal_chunk(q, k, v, bias, mask.n_real, a, b, p) for a, b in mask.chunks], dim=2)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # (B, H, T, d_k)
-    if mask is not None and mask.has_empty:
+    if mask is not None and not real_first and mask.has_empty:
         out = out.masked_fill(mask.empty, 0.0)
     return out, (weights if need_weights else None)
 

@@ -52,7 +52,7 @@ def test_attention_kernel_equals_explicit_attention_and_its_gradient(shape, bias
     b, h, t, s, dk = shape
     q, k, v, bias = _inputs(b, h, t, s, dk, bias_kind)
     grad = torch.randn(b, h, t, dk)
-    assert kernels.attention_fits(q, k, v, bias)
+    assert kernels.attention_fits(q, k, v)
     got = _run(lambda q, k, v: kernels.attention(q, k, v, bias, 0.0, dk ** -0.5), q, k, v, grad)
     want = _run(lambda q, k, v: ExplicitAttention.apply(q, k, v, bias, None, dk ** -0.5), q, k, v, grad)
     for name, a, w in zip(("out", "grad q", "grad k", "grad v"), got, want, strict=True):
@@ -113,6 +113,8 @@ def test_attention_kernel_refuses_shapes_it_would_read_out_of_bounds():
         kernels.attention(q, k, v[:, :, :6], None, 0.0, 0.5)  # values for fewer keys than keys
     with pytest.raises(ValueError, match="do not match"):
         kernels.attention(q[..., :3], k, v, None, 0.0, 0.5)  # another head size
+    with pytest.raises(ValueError, match="expected float32 on the CPU"):
+        kernels.attention(q, k, v, bias.double(), 0.0, 0.5)  # the kernel reads float32
 
 
 def test_kernels_give_the_same_bits_with_one_thread_and_two():
@@ -181,7 +183,7 @@ def test_layers_use_the_kernels_and_keep_pytorchs_paths_for_what_they_do_not_ser
     assert torch.equal(through_layers, x64 * dropout_mask(x64.shape, 0.3).double())
     dk = kernels.MAX_DK + 1  # a head size over the kernel's limit: ExplicitAttention serves it
     q, k, v, _ = _inputs(2, 2, 3, 4, dk, "none")
-    assert not kernels.attention_fits(q, k, v, None)
+    assert not kernels.attention_fits(q, k, v)
     out, _ = layers_module.attend(q, k, v, None, 0.0)
     assert torch.allclose(out, ExplicitAttention.apply(q, k, v, None, None, dk ** -0.5))
 
